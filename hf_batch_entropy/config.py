@@ -1,0 +1,154 @@
+"""`BatchEntropyConfig`: `transformers.TrainingArguments` plus the `lbe_*` settings of LBE.
+
+Every field has a `help` text, so `HfArgumentParser(BatchEntropyConfig)` gives each one a documented command-line flag,
+exactly like the `TrainingArguments` flags it extends.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers import TrainingArguments
+
+__all__ = ["BatchEntropyConfig"]
+
+REGEX_PREFIX = "re:"
+
+
+@dataclass
+class BatchEntropyConfig(TrainingArguments):
+    r"""
+    Training arguments for [`BatchEntropyTrainer`]: all of `TrainingArguments`, plus layerwise batch-entropy
+    regularization (LBE, Peer et al., TMLR 2022).
+
+    For each regularized layer `l` with batch-entropy `H_l` and learnable target `α_l`:
+
+        lbe_l = (H_l − max(lbe_alpha_min, |α_l|))²
+        L     = L_task + lbe_beta · mean_l(lbe_l) · L_task
+
+    The defaults are those of the paper's reference implementation (β = α₀ = α_min = 0.5), tuned for training deep
+    networks from scratch. For fine-tuning pretrained transformers the paper searched β ∈ {0.005, 0.01, 0.05} and
+    α₀ ∈ {0.2, 0.3, 0.5, 0.8}.
+    """
+
+    lbe_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight β of the batch-entropy term: L = L_task + β·mean_l(lbe_l)·L_task. 0 turns LBE off and "
+            "makes the trainer behave exactly like transformers.Trainer (entropies are still measured and logged)."
+        },
+    )
+    lbe_alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Initial value α₀ of every layer's learnable batch-entropy target α_l (nats per unit). "
+            "α_l is trained by the same optimizer as the model, without weight decay."
+        },
+    )
+    lbe_alpha_min: float = field(
+        default=0.5,
+        metadata={
+            "help": "Floor of the batch-entropy target: each layer is pulled towards max(lbe_alpha_min, |α_l|), so "
+            "no layer is allowed to lose all information about the input."
+        },
+    )
+    lbe_alpha_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the α targets. Default (None): the model's learning_rate, as in the paper. "
+            "When fine-tuning with a small learning rate (say 2e-5) α hardly moves from α₀; set e.g. 1e-3 to let the "
+            "targets adapt to each layer."
+        },
+    )
+    lbe_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Which layers to regularize, PEFT style. A list of module names, each matched exactly or as a "
+            "dotted suffix (`act` matches `encoder.3.act`), or a single entry `re:<regex>` matched against the full "
+            "module name. From Python also a plain string (a regex) or module classes (e.g. [nn.ReLU]). "
+            "Default (None): the model's `hidden_states` when it returns them (embeddings included), else the "
+            "outputs of its activation modules (nn.ReLU, nn.GELU, ...), else of every Linear/Conv layer."
+        },
+    )
+    lbe_sync_entropy: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute batch-entropies over the global batch of all processes (like SyncBatchNorm), with "
+            "gradients through the combination, so N processes with batch B/N match one process with batch B. "
+            "Costs two all-reduces of U floats per layer shape per step; turn it on when the per-device batch is "
+            "small (say below 16)."
+        },
+    )
+    lbe_fused: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the entropies of all same-shaped layers in one fused reduction (fewer kernels, less "
+            "memory). False uses the reference per-layer loop; both give the same numbers."
+        },
+    )
+    lbe_log_per_layer: bool = field(
+        default=False,
+        metadata={"help": "Also log each layer's batch-entropy as `batch_entropy/layer_<i>`."},
+    )
+    lbe_eval_entropy: bool = field(
+        default=False,
+        metadata={
+            "help": "Also measure batch-entropies during evaluation and report them as `eval_batch_entropy_mean` "
+            "and `eval_batch_entropy_min`. The evaluation loss is always the task loss alone."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lbe_beta < 0:
+            raise ValueError(f"lbe_beta must be >= 0 (0 turns LBE off), got {self.lbe_beta}.")
+        if self.lbe_alpha_min < 0:
+            raise ValueError(f"lbe_alpha_min must be >= 0, got {self.lbe_alpha_min}.")
+        if self.lbe_alpha_learning_rate is not None and self.lbe_alpha_learning_rate < 0:
+            raise ValueError(f"lbe_alpha_learning_rate must be >= 0, got {self.lbe_alpha_learning_rate}.")
+        targets = self.lbe_target_modules
+        if isinstance(targets, str):
+            _compile_regex(targets)
+        elif targets is not None:
+            if isinstance(targets, type):
+                targets = [targets]
+            self.lbe_target_modules = list(targets)
+            if not self.lbe_target_modules:
+                raise ValueError("lbe_target_modules is an empty list: give module names, a regex, or None.")
+            for target in self.lbe_target_modules:
+                if isinstance(target, str):
+                    if target.startswith(REGEX_PREFIX):
+                        _compile_regex(target[len(REGEX_PREFIX) :])
+                elif not (isinstance(target, type) and issubclass(target, nn.Module)):
+                    raise TypeError(
+                        f"lbe_target_modules entries must be module names (str) or nn.Module classes, got {target!r}."
+                    )
+
+    def to_dict(self):
+        # Module classes are not JSON-serializable; keep their names so that logging integrations can show them.
+        d = super().to_dict()
+        targets = d.get("lbe_target_modules")
+        if isinstance(targets, list):
+            d["lbe_target_modules"] = [t if isinstance(t, str) else t.__name__ for t in targets]
+        return d
+
+    @property
+    def lbe_settings(self) -> dict:
+        """The LBE settings as a plain dict (saved with checkpoints and written to the model card)."""
+        return {
+            "lbe_beta": self.lbe_beta,
+            "lbe_alpha": self.lbe_alpha,
+            "lbe_alpha_min": self.lbe_alpha_min,
+            "lbe_alpha_learning_rate": self.lbe_alpha_learning_rate,
+            "lbe_sync_entropy": self.lbe_sync_entropy,
+            "lbe_target_modules": self.to_dict()["lbe_target_modules"],
+        }
+
+
+def _compile_regex(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"lbe_target_modules regex {pattern!r} does not compile: {err}.") from err
