@@ -59,6 +59,7 @@ class BatchEntropyTrainer(Trainer):
         self._capture: HiddenStatesCapture | ForwardHookCapture | None = None
         self._resume_regularizer_from: str | None = None
         self._task_fraction: torch.Tensor | None = None
+        self._alpha_grad_step: tuple[int, int] | None = None
         self._windows: dict[str, dict[str, Any]] = {}
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([MODEL_TAG])
@@ -195,6 +196,12 @@ class BatchEntropyTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        step = (id(self.state), self.state.global_step)
+        if self.regularizer is not None and self._alpha_grad_step != step:
+            # Trainer clears gradients with `model.zero_grad()`, which does not reach α (not a model parameter): start
+            # each optimizer step with a fresh α.grad, or every update of α would add up all its past gradients.
+            self.regularizer.alpha.grad = None
+            self._alpha_grad_step = step
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._task_fraction is not None:
             # `loss` is what Trainer adds to its logged "loss" (already scaled for gradient accumulation); split it
