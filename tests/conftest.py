@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny models built from configs and small synthetic datasets (no download, milliseconds)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+from hf_batch_entropy import BatchEntropyConfig
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """A list of feature dicts, as a map-style dataset that `Trainer`'s default collator batches."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kwargs.update(overrides)
+    return BertConfig(**kwargs)
+
+
+def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**overrides))
+
+
+def token_dataset(n: int = 64, seq_len: int = 10, seed: int = 0) -> DictDataset:
+    """Random token sequences; the label is a function of the first token, so the task is learnable."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (n, seq_len), generator=g)
+    return DictDataset(
+        [{"input_ids": row, "attention_mask": torch.ones(seq_len, dtype=torch.long), "labels": int(row[0] % 2)} for row in ids]
+    )
+
+
+class TinyMLP(nn.Module):
+    """A plain `nn.Module` (no hidden states) with named blocks: hooks are the only way in."""
+
+    def __init__(self, depth: int = 3, width: int = 16, in_features: int = 8, num_labels: int = 3):
+        super().__init__()
+        self.stem = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)
+        )
+        self.head = nn.Linear(width, num_labels)
+
+    def forward(self, x, labels=None):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        logits = self.head(h)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def vector_dataset(n: int = 64, in_features: int = 8, num_labels: int = 3, seed: int = 0) -> DictDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return DictDataset([{"x": x[i], "labels": int(y[i])} for i in range(n)])
+
+
+def make_args(tmp_path, plain: bool = False, **overrides) -> BatchEntropyConfig:
+    """Fast, offline, CPU training arguments; `plain=True` gives `transformers.TrainingArguments` with the same values."""
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        max_steps=4,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs) if plain else BatchEntropyConfig(**kwargs)
+
+
+@pytest.fixture
+def args_factory(tmp_path):
+    return lambda **overrides: make_args(tmp_path, **overrides)

@@ -1,0 +1,103 @@
+"""Choosing layers (PEFT-style targets) and capturing them with hooks or hidden states."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TinyMLP, tiny_bert
+from hf_batch_entropy.capture import (
+    ForwardHookCapture,
+    HiddenStatesCapture,
+    default_target_modules,
+    resolve_target_modules,
+)
+
+
+def names(pairs):
+    return [n for n, _ in pairs]
+
+
+def test_defaults_are_activation_modules_then_linear_layers():
+    seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2), nn.Softmax(-1))
+    assert names(default_target_modules(seq)) == ["1", "3"]
+    no_act = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(1, 1, 1), nn.Identity())
+    assert names(default_target_modules(no_act)) == ["0", "1"]
+    # transformers' own activation modules count too (BERT's GELUActivation).
+    assert names(default_target_modules(tiny_bert())) == [
+        "bert.encoder.layer.0.intermediate.intermediate_act_fn",
+        "bert.encoder.layer.1.intermediate.intermediate_act_fn",
+        "bert.pooler.activation",
+    ]
+
+
+def test_targets_by_exact_name_suffix_regex_and_class():
+    model = TinyMLP(depth=3)
+    assert names(resolve_target_modules(model, ["stem"])) == ["stem"]
+    # "1" is a suffix of the block "blocks.1" and of each block's activation "blocks.<i>.1".
+    assert names(resolve_target_modules(model, ["1"])) == ["blocks.0.1", "blocks.1", "blocks.1.1", "blocks.2.1"]
+    assert names(resolve_target_modules(model, ["blocks.1.0", "head"])) == ["blocks.1.0", "head"]
+    assert names(resolve_target_modules(model, r"blocks\.[02]\.0")) == ["blocks.0.0", "blocks.2.0"]
+    assert names(resolve_target_modules(model, [r"re:blocks\.\d\.1"])) == ["blocks.0.1", "blocks.1.1", "blocks.2.1"]
+    assert names(resolve_target_modules(model, [nn.Tanh])) == ["blocks.0.1", "blocks.1.1", "blocks.2.1"]
+    # A suffix must be a whole dotted component: "lock" is not a suffix of "blocks".
+    with pytest.raises(ValueError, match="matches no module"):
+        resolve_target_modules(model, ["lock"])
+
+
+def test_nothing_to_hook_is_an_error():
+    class Bare(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(ValueError, match="lbe_target_modules"):
+        resolve_target_modules(Bare(), None)
+
+
+def test_hooks_capture_only_inside_capturing_and_forget_after_collect():
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    capture = ForwardHookCapture(resolve_target_modules(seq, None))
+    x = torch.randn(5, 4)
+    seq(x)  # outside capturing(): nothing recorded
+    assert capture.collect() == ([], [])
+    with capture.capturing():
+        out = seq(x)
+    acts, layer_names = capture.collect()
+    assert layer_names == ["1", "3"]
+    assert [a.shape for a in acts] == [(5, 8), (5, 8)]
+    torch.testing.assert_close(acts[1], torch.relu(seq[2](torch.relu(seq[0](x)))))
+    assert out.requires_grad and acts[0].requires_grad  # part of the graph, so LBE trains through them
+    assert capture.collect() == ([], [])  # nothing is held past the step
+    capture.remove()
+    with capture.capturing():
+        seq(x)
+    assert capture.collect() == ([], [])
+
+
+def test_shared_module_called_twice_gives_two_layers():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.act = nn.Linear(3, 3), nn.Linear(3, 3), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.b(self.act(self.a(x))))
+
+    model = Shared()
+    capture = ForwardHookCapture(resolve_target_modules(model, None))
+    with capture.capturing():
+        model(torch.randn(4, 3))
+    assert capture.collect()[1] == ["act", "act#1"]
+
+
+def test_hidden_states_capture_and_strip():
+    model = tiny_bert()
+    capture = HiddenStatesCapture()
+    inputs = capture.prepare_inputs({"input_ids": torch.randint(4, 64, (3, 7))})
+    outputs = model(**inputs)
+    acts, layer_names = capture.collect(outputs)
+    assert layer_names == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]  # embeddings + 2 layers
+    assert all(a.shape == (3, 7, 32) for a in acts)
+    stripped = capture.strip(outputs)
+    assert stripped.hidden_states is None and "hidden_states" not in stripped.keys()
+    torch.testing.assert_close(stripped.logits, outputs.logits)
