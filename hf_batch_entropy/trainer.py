@@ -66,15 +66,16 @@ class BatchEntropyTrainer(Trainer):
 
     # --- setup ------------------------------------------------------------------------------------------------------
 
-    def prepare_regularizer(self) -> BatchEntropyRegularizer:
-        """Choose the regularized layers of `self.model` and build a fresh regularizer for them.
+    def prepare_regularizer(self, model: torch.nn.Module | None = None) -> BatchEntropyRegularizer:
+        """Choose the regularized layers of `model` (default `self.model`) and build a fresh regularizer for them.
 
         Runs one forward pass, in eval mode and without gradients, on two training examples; the RNG states are
-        restored afterwards, so the training run is the same as without it.
+        restored afterwards, so the training run is the same as without it. `model` may be the wrapped model (FSDP
+        creates the optimizer after wrapping, and only the wrapper can run a forward pass then).
         """
         if self._capture is not None:
             self._capture.remove()
-        model = self.model
+        model = self.model if model is None else model
         unwrapped = self.accelerator.unwrap_model(model)
         targets = self.args.lbe_target_modules
         if targets is None and isinstance(unwrapped, PreTrainedModel):
@@ -137,7 +138,7 @@ class BatchEntropyTrainer(Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """`Trainer`'s optimizer, plus a parameter group for `α` (no weight decay; `lbe_alpha_learning_rate` if set)."""
         if self.optimizer is None or self.regularizer is None:
-            self.prepare_regularizer()
+            self.prepare_regularizer(model)
             if self._resume_regularizer_from is not None:
                 self._load_regularizer(self._resume_regularizer_from)
         optimizer = super().create_optimizer(model)
