@@ -42,6 +42,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 import transformers
 from transformers import (
     AutoConfig,
@@ -111,6 +112,15 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow models whose code lives on the Hub. Only for repositories you trust."},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the loaded weights. float32 (default) keeps full-precision master weights, as "
+            "fine-tuning needs (--bf16/--fp16 add mixed precision on top); `auto` keeps the checkpoint's dtype, "
+            "which for a float16 checkpoint would make the optimizer update float16 weights.",
+            "choices": ["float32", "auto", "bfloat16", "float16"],
+        },
     )
     ignore_mismatched_sizes: bool = field(
         default=False,
@@ -355,6 +365,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, float]:
         model_args.model_name_or_path,
         config=config,
         ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        dtype=model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype),
         **hub_kwargs,
     )
 

