@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    if args.workers > 1:
+        # Each worker would start one CPU thread per core; share the cores out instead of oversubscribing them.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     runs = plan(args)
     print(f"{len(runs)} runs -> {args.output_dir} ({args.workers} at a time)", flush=True)
     if args.dry_run:
