@@ -5,7 +5,14 @@ Layerwise Batch-Entropy Regularization", TMLR 2022.
 """
 
 from .config import BatchEntropyConfig
-from .entropy import batch_entropy, batch_entropies
+from .entropy import batch_entropies, batch_entropy
+from .metrics import load_glue_metric
+from .models import (
+    VanillaCNNConfig,
+    VanillaCNNForImageClassification,
+    VanillaMLPConfig,
+    VanillaMLPForImageClassification,
+)
 from .regularizer import BatchEntropyRegularizer, LBEOutput
 from .trainer import BatchEntropyTrainer
 
@@ -16,6 +23,21 @@ __all__ = [
     "BatchEntropyRegularizer",
     "BatchEntropyTrainer",
     "LBEOutput",
+    "VanillaCNNConfig",
+    "VanillaCNNForImageClassification",
+    "VanillaMLPConfig",
+    "VanillaMLPForImageClassification",
     "batch_entropies",
     "batch_entropy",
+    "diagnose",
+    "load_glue_metric",
 ]
+
+
+def __getattr__(name: str):
+    # Imported lazily so that `python -m hf_batch_entropy.diagnose` does not find its module already imported.
+    if name == "diagnose":
+        from .diagnose import diagnose
+
+        return diagnose
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
