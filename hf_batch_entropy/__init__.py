@@ -39,5 +39,6 @@ def __getattr__(name: str):
     if name == "diagnose":
         from .diagnose import diagnose
 
+        globals()["diagnose"] = diagnose  # importing the submodule bound the name to the module; the function wins
         return diagnose
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

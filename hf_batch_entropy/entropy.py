@@ -11,10 +11,12 @@ The `+ 1` keeps `H_u ≥ 0` and makes a dead unit (`σ_u = 0`) have entropy exac
 Two paths compute it:
 
 - `batch_entropy(x)`: one layer, the reference, written as the formula reads.
-- `batch_entropies(xs)`: many layers at once. Layers of the same flattened shape are reduced together in one pass
-  (a custom autograd function that keeps only the per-unit means, not a stacked copy of the activations, for the
-  backward), so the number of kernels per step does not grow with depth. With `sync=True` the per-unit statistics are
-  merged across processes first (`torch.distributed`), with gradients flowing through the merge.
+- `batch_entropies(xs)`: many layers at once. Layers of the same flattened shape and dtype are reduced together, in
+  chunks, each in one pass (a custom autograd function that keeps only the per-unit means, not a stacked copy of the
+  activations, for the backward), so that on accelerators the number of kernels per step does not grow with depth
+  (up to `_MAX_CHUNK_NUMEL` floats per chunk). On CPUs the chunks are cache-sized and the backward goes layer by layer:
+  there memory traffic, not kernel launches, is the cost. With `sync=True` the per-unit statistics are merged across
+  processes first (`torch.distributed`), with gradients flowing through the merge.
 
 Everything is computed in float32 whatever the activations' dtype or autocast: bf16 has 8 bits of mantissa, too few for
 a variance, and fp16 variances over- and underflow.
@@ -32,8 +34,17 @@ __all__ = ["batch_entropy", "batch_entropies", "entropy_from_variance"]
 
 PI_E = math.pi * math.e
 
-# Layers are stacked in chunks of at most this many floats so that the transient stacked copy stays small.
+# Layers are stacked in chunks of at most this many floats so that the transient stacked copy stays small. On CPUs the
+# chunks are smaller still, about an L2 cache: the reductions over a chunk then run from the cache, not from memory.
 _MAX_CHUNK_NUMEL = 1 << 24
+_CPU_CHUNK_NUMEL = 1 << 18
+
+# Where the backward of the fused path computes the gradients layer by layer rather than one stacked chunk at a time.
+_PER_LAYER_BACKWARD_DEVICES = ("cpu",)
+
+
+def _chunk_numel(device: torch.device) -> int:
+    return min(_MAX_CHUNK_NUMEL, _CPU_CHUNK_NUMEL) if device.type == "cpu" else _MAX_CHUNK_NUMEL
 
 
 def entropy_from_variance(var: torch.Tensor) -> torch.Tensor:
@@ -41,8 +52,8 @@ def entropy_from_variance(var: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.log1p(PI_E * var)
 
 
-def _as_units(x: torch.Tensor, what: str = "activations") -> torch.Tensor:
-    """`(B, ...)` → `(B, U)` float32, after checking that a batch-entropy exists."""
+def _as_units(x: torch.Tensor, what: str = "activations", to_float: bool = True) -> torch.Tensor:
+    """`(B, ...)` → `(B, U)` (float32 unless `to_float=False`), after checking that a batch-entropy exists."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"Batch-entropy needs a tensor of {what}, got {type(x).__name__}.")
     if x.dim() == 0 or x.shape[0] < 2:
@@ -52,7 +63,8 @@ def _as_units(x: torch.Tensor, what: str = "activations") -> torch.Tensor:
             f"{shape}. Use a per-device batch size of 2 or more (and `dataloader_drop_last=True` so the last batch "
             "is not a single example), or turn on `lbe_sync_entropy` to pool the batch across processes."
         )
-    return x.reshape(x.shape[0], -1).float()
+    x = x.reshape(x.shape[0], -1)
+    return x.float() if to_float else x
 
 
 @torch.autocast("cuda", enabled=False)
@@ -71,29 +83,53 @@ def batch_entropy(x: torch.Tensor) -> torch.Tensor:
     return entropy_from_variance(torch.var(x, dim=0, correction=1)).mean()
 
 
-class _GroupVariance(torch.autograd.Function):
-    """Per-unit unbiased variances of `L` same-shaped layers, `(B, U)` each → `(L, U)`, in one reduction.
+class _SquaredDeviations(torch.autograd.Function):
+    """`Σ_b (x_lbu − μ_lu)²` of `L` same-shaped layers `(B, U)` → `(L, U)` float32, in one pass over a stacked copy.
 
-    Autograd would save the stacked `(L, B, U)` copy for the backward; this saves only the means `(L, U)` and the
-    layers themselves (which the model keeps alive for its own backward anyway) and rebuilds the stack when needed.
+    `μ` `(L, 1, U)` is the per-unit mean over the batch, computed here (`mean=None`) or given (the mean over the
+    batches of all processes). Either way the backward treats `μ` as a constant, which is exact: the sum of squared
+    deviations is stationary in its mean, `∂/∂μ Σ (x − μ)² = −2 Σ (x − μ) = 0`. So
 
-    `∂σ²_lu / ∂x_lbu = 2·(x_lbu − μ_lu) / (B − 1)`.
+        ∂/∂x_lbu = 2·(x_lbu − μ_lu) · grad_lu
+
+    Autograd would save the stacked `(L, B, U)` copy (and the centred one) for the backward; this saves only `μ` and
+    the layers themselves, which the model keeps alive for its own backward anyway, in their own dtype (a bf16 layer
+    is converted to float32 inside the stacked copy, not kept as a float32 copy). Each layer gets its own gradient
+    tensor, which autograd frees as soon as the model's backward has consumed it, so that at no point do the
+    gradients of all layers exist at once beyond a chunk.
     """
 
     @staticmethod
-    def forward(ctx, *layers: torch.Tensor) -> torch.Tensor:
-        stacked = torch.stack(layers)  # (L, B, U)
-        var, mean = torch.var_mean(stacked, dim=1, correction=1)
+    def forward(ctx, mean: torch.Tensor | None, *layers: torch.Tensor) -> torch.Tensor:
+        if len(layers) == 1:
+            stacked = layers[0].unsqueeze(0).float()
+            if mean is None:
+                mean = stacked.mean(dim=1, keepdim=True)
+            centred = stacked - mean  # a new tensor: `stacked` may be the layer itself
+        else:
+            centred = torch.stack(layers)  # our own copy, centred in place
+            if centred.dtype != torch.float32:
+                centred = centred.float()
+            if mean is None:
+                mean = centred.mean(dim=1, keepdim=True)
+            centred.sub_(mean)
         ctx.save_for_backward(mean, *layers)
-        return var
+        return centred.square_().sum(dim=1)
 
     @staticmethod
-    def backward(ctx, grad_var: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor):
         mean, *layers = ctx.saved_tensors
-        batch = layers[0].shape[0]
-        stacked = torch.stack(layers)
-        grad = (stacked - mean.unsqueeze(1)).mul_(grad_var.unsqueeze(1) * (2.0 / (batch - 1)))
-        return tuple(grad.unbind(0))
+        coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
+        if layers[0].device.type in _PER_LAYER_BACKWARD_DEVICES or len(layers) == 1:
+            # Layer by layer: no stacked copy, and each gradient is its own tensor, freed once autograd has used it.
+            grads = tuple(torch.sub(x, mean[i]).mul_(coef[i]).to(x.dtype) for i, x in enumerate(layers))
+        else:
+            # On accelerators, a few large kernels per chunk rather than a few small ones per layer.
+            stacked = torch.stack(layers)
+            out = stacked.float() if stacked.dtype != torch.float32 else stacked
+            out = out.sub_(mean).mul_(coef)
+            grads = out.to(layers[0].dtype).unbind(0)
+        return (None, *grads)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -113,25 +149,56 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-def _global_variance(stacked: torch.Tensor) -> torch.Tensor:
-    """Unbiased per-unit variances `(L, U)` of `stacked` `(L, B_r, U)` over the union of all ranks' batches.
-
-    Two passes, like `torch.var`: first the global count and mean, then the squared deviations from that mean. This is
-    as stable as the single-process computation (no `E[x²] − E[x]²` cancellation). Cost: two all-reduces of `L·U`
-    floats and one of a scalar.
-    """
-    count = torch.tensor([float(stacked.shape[1])], device=stacked.device)
-    dist.all_reduce(count)
-    total = int(count.item())
-    if total < 2:
-        raise ValueError("Batch-entropy needs at least 2 examples across all processes.")
-    mean = _AllReduceSum.apply(stacked.sum(dim=1)) / total
-    sq_dev = (stacked - mean.unsqueeze(1)).square().sum(dim=1)
-    return _AllReduceSum.apply(sq_dev) / (total - 1)
-
-
 def _sync_active(sync: bool) -> bool:
     return sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _chunks(units: list[torch.Tensor]) -> list[list[list[int]]]:
+    """Indices of the layers grouped by shape, dtype and device (in first-seen order), each group in chunks of bounded
+    size: `groups[g][c]` is the list of layer indices of chunk `c` of group `g`."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(units):
+        groups.setdefault((x.shape[1], x.dtype, x.device), []).append(i)
+    batch = units[0].shape[0]
+    chunked = []
+    for (num_units, _, device), indices in groups.items():
+        per_chunk = max(1, _chunk_numel(device) // (batch * num_units))
+        chunked.append([indices[start : start + per_chunk] for start in range(0, len(indices), per_chunk)])
+    return chunked
+
+
+def _local_squares(units: list[torch.Tensor], chunks: list[list[int]]) -> tuple[list[torch.Tensor], int]:
+    """Per chunk `Σ_b (x − μ)²` `(L_chunk, U)` about each layer's own batch mean, and the batch size."""
+    return [_SquaredDeviations.apply(None, *(units[i] for i in chunk)) for chunk in chunks], units[0].shape[0]
+
+
+def _global_squares(units: list[torch.Tensor], chunks: list[list[int]]) -> tuple[list[torch.Tensor], int]:
+    """Per chunk `Σ (x − μ)²` `(L_chunk, U)` over the union of all processes' batches, and the global batch size.
+
+    Two passes, like `torch.var`: first the global count and means, then the squared deviations from those means, so
+    it is as stable as the single-process computation (no `E[x²] − E[x]²` cancellation). All chunks travel together:
+    two all-reduces forward (counts and sums; squared deviations) and one backward, of `Σ_layers U` floats each.
+    """
+    device = units[chunks[0][0]].device
+    with torch.no_grad():
+        sums = [torch.stack([units[i].sum(dim=0, dtype=torch.float32) for i in chunk]) for chunk in chunks]
+        count = torch.tensor([float(units[0].shape[0])], device=device)
+        flat = torch.cat([s.flatten().to(device) for s in sums] + [count])
+        dist.all_reduce(flat)
+        total = int(flat[-1].item())
+        if total < 2:
+            raise ValueError("Batch-entropy needs at least 2 examples across all processes.")
+        means, offset = [], 0
+        for s in sums:
+            means.append((flat[offset : offset + s.numel()].view_as(s) / total).unsqueeze(1).to(s.device))
+            offset += s.numel()
+    local = [_SquaredDeviations.apply(mean, *(units[i] for i in chunk)) for mean, chunk in zip(means, chunks)]
+    flat = _AllReduceSum.apply(torch.cat([sq.flatten().to(device) for sq in local]))
+    squares, offset = [], 0
+    for sq in local:
+        squares.append(flat[offset : offset + sq.numel()].view_as(sq).to(sq.device))
+        offset += sq.numel()
+    return squares, total
 
 
 @torch.autocast("cuda", enabled=False)
@@ -145,46 +212,47 @@ def batch_entropies(
     """Batch-entropies of many layers at once.
 
     Args:
-        activations: `L` tensors, layer `l` of shape `(B, ...)` with the same `B` for all; shapes may differ.
+        activations: `L` tensors, layer `l` of shape `(B, ...)` with the same `B` for all; shapes, dtypes and devices
+            may differ.
         fused: reduce same-shaped layers together (the default; fewer kernels and less memory). `False` loops over
             layers with `batch_entropy`; both give the same numbers.
         sync: merge the per-unit statistics across all processes of the default `torch.distributed` group before
             taking the entropy, so that the batch is the global one. A no-op without an initialized process group.
 
     Returns:
-        A float32 tensor of shape `(L,)`: `H_l = mean_u ½·ln(π·e·σ_lu² + 1)` in layer order. Differentiable.
+        A float32 tensor of shape `(L,)` on the device of the first layer: `H_l = mean_u ½·ln(π·e·σ_lu² + 1)` in layer
+        order. Differentiable.
     """
     if len(activations) == 0:
         raise ValueError("batch_entropies got no activations: there is no layer to regularize.")
-    units = [_as_units(x, f"activations of layer {i}") for i, x in enumerate(activations)]
+    distributed = _sync_active(sync)
+    fused = fused or distributed
+    units = [_as_units(x, f"activations of layer {i}", to_float=not fused) for i, x in enumerate(activations)]
     batch = units[0].shape[0]
     for i, x in enumerate(units):
         if x.shape[0] != batch:
             raise ValueError(
                 f"All layers must share the batch dimension: layer 0 has {batch} examples, layer {i} has {x.shape[0]}."
             )
-    distributed = _sync_active(sync)
-    if not fused and not distributed:
+    if not fused:
         return torch.stack([entropy_from_variance(torch.var(x, dim=0, correction=1)).mean() for x in units])
 
-    # Group layers by unit count (same-shaped layers are the common case: every block of a transformer or a vanilla
-    # network), then chunk each group so the transient stacked copy stays bounded.
-    groups: dict[int, list[int]] = {}
-    for i, x in enumerate(units):
-        groups.setdefault(x.shape[1], []).append(i)
-    order: list[int] = []
-    values: list[torch.Tensor] = []
-    for num_units, indices in groups.items():
-        per_chunk = max(1, _MAX_CHUNK_NUMEL // (batch * num_units))
-        for start in range(0, len(indices), per_chunk):
-            chunk = indices[start : start + per_chunk]
-            layers = [units[i] for i in chunk]
-            var = _global_variance(torch.stack(layers)) if distributed else _GroupVariance.apply(*layers)
-            values.append(entropy_from_variance(var).mean(dim=1))
-            order.extend(chunk)
+    # Group layers by shape (same-shaped layers are the common case: every block of a transformer or a vanilla
+    # network), chunk each group so the transient stacked copy stays bounded, and reduce each chunk in one pass.
+    groups = _chunks(units)
+    chunks = [chunk for group in groups for chunk in group]
+    squares, total = _global_squares(units, chunks) if distributed else _local_squares(units, chunks)
+    device = units[0].device
+    values, position = [], 0
+    for group in groups:
+        group_squares = squares[position : position + len(group)]
+        position += len(group)
+        sq = torch.cat(group_squares) if len(group_squares) > 1 else group_squares[0]
+        values.append(entropy_from_variance(sq / (total - 1)).mean(dim=1).to(device))
     entropies = torch.cat(values) if len(values) > 1 else values[0]
+    order = [i for chunk in chunks for i in chunk]
     if order != sorted(order):
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        entropies = entropies[inverse.to(entropies.device)]
+        entropies = entropies[inverse.to(device)]
     return entropies
