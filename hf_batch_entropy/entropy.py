@@ -83,6 +83,23 @@ def batch_entropy(x: torch.Tensor) -> torch.Tensor:
     return entropy_from_variance(torch.var(x, dim=0, correction=1)).mean()
 
 
+def _squared_deviations(mean: torch.Tensor | None, layers: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(Σ_b (x − μ)²  (L, U), μ  (L, 1, U))` of same-shaped layers `(B, U)`, in float32; `μ` computed if `None`."""
+    if len(layers) == 1:
+        stacked = layers[0].unsqueeze(0).float()
+        if mean is None:
+            mean = stacked.mean(dim=1, keepdim=True)
+        centred = stacked - mean  # a new tensor: `stacked` may be the layer itself
+    else:
+        centred = torch.stack(layers)  # our own copy, centred in place
+        if centred.dtype != torch.float32:
+            centred = centred.float()
+        if mean is None:
+            mean = centred.mean(dim=1, keepdim=True)
+        centred.sub_(mean)
+    return centred.square_().sum(dim=1), mean
+
+
 class _SquaredDeviations(torch.autograd.Function):
     """`Σ_b (x_lbu − μ_lu)²` of `L` same-shaped layers `(B, U)` → `(L, U)` float32, in one pass over a stacked copy.
 
@@ -101,20 +118,9 @@ class _SquaredDeviations(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean: torch.Tensor | None, *layers: torch.Tensor) -> torch.Tensor:
-        if len(layers) == 1:
-            stacked = layers[0].unsqueeze(0).float()
-            if mean is None:
-                mean = stacked.mean(dim=1, keepdim=True)
-            centred = stacked - mean  # a new tensor: `stacked` may be the layer itself
-        else:
-            centred = torch.stack(layers)  # our own copy, centred in place
-            if centred.dtype != torch.float32:
-                centred = centred.float()
-            if mean is None:
-                mean = centred.mean(dim=1, keepdim=True)
-            centred.sub_(mean)
+        squares, mean = _squared_deviations(mean, layers)
         ctx.save_for_backward(mean, *layers)
-        return centred.square_().sum(dim=1)
+        return squares
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -167,9 +173,15 @@ def _chunks(units: list[torch.Tensor]) -> list[list[list[int]]]:
     return chunked
 
 
+def _squares(mean: torch.Tensor | None, layers: list[torch.Tensor]) -> torch.Tensor:
+    if torch.is_grad_enabled() and any(x.requires_grad for x in layers):
+        return _SquaredDeviations.apply(mean, *layers)
+    return _squared_deviations(mean, layers)[0]  # no autograd.Function where no gradient is wanted (evaluation)
+
+
 def _local_squares(units: list[torch.Tensor], chunks: list[list[int]]) -> tuple[list[torch.Tensor], int]:
     """Per chunk `Σ_b (x − μ)²` `(L_chunk, U)` about each layer's own batch mean, and the batch size."""
-    return [_SquaredDeviations.apply(None, *(units[i] for i in chunk)) for chunk in chunks], units[0].shape[0]
+    return [_squares(None, [units[i] for i in chunk]) for chunk in chunks], units[0].shape[0]
 
 
 def _global_squares(units: list[torch.Tensor], chunks: list[list[int]]) -> tuple[list[torch.Tensor], int]:
@@ -192,7 +204,7 @@ def _global_squares(units: list[torch.Tensor], chunks: list[list[int]]) -> tuple
         for s in sums:
             means.append((flat[offset : offset + s.numel()].view_as(s) / total).unsqueeze(1).to(s.device))
             offset += s.numel()
-    local = [_SquaredDeviations.apply(mean, *(units[i] for i in chunk)) for mean, chunk in zip(means, chunks)]
+    local = [_squares(mean, [units[i] for i in chunk]) for mean, chunk in zip(means, chunks)]
     flat = _AllReduceSum.apply(torch.cat([sq.flatten().to(device) for sq in local]))
     squares, offset = [], 0
     for sq in local:

@@ -1,0 +1,212 @@
+"""The fused multi-layer batch-entropy (`batch_entropies(..., fused=True)`, the default) against the per-layer reference
+(`fused=False`): the same values and gradients whatever the shapes, dtypes, order and chunking; the memory it keeps for
+the backward; and `torch.compile` without graph breaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_batch_entropy.entropy as entropy_module
+from hf_batch_entropy import batch_entropies
+
+ATOL = 1e-5
+
+
+def _layers(shapes, seed: int = 0, dtype=torch.float32, requires_grad: bool = True) -> list[torch.Tensor]:
+    """Activations with very different scales and means per layer and unit (a dead unit in layer 0)."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, shape in enumerate(shapes):
+        scale = torch.rand(shape[1:], generator=g) * (i + 1) * 2
+        mean = torch.randn(shape[1:], generator=g) * 3
+        x = torch.randn(shape, generator=g) * scale + mean
+        if i == 0:
+            x.reshape(shape[0], -1)[:, 0] = 1.5  # a constant unit: σ² = 0
+        layers.append(x.to(dtype).requires_grad_(requires_grad))
+    return layers
+
+
+def _clone(layers):
+    return [x.detach().clone().requires_grad_(x.requires_grad) for x in layers]
+
+
+def _check_against_reference(layers, **kwargs):
+    """Forward and gradients of fused vs per-layer, under a random weighting of the layers' entropies."""
+    fused_in, ref_in = _clone(layers), _clone(layers)
+    fused = batch_entropies(fused_in, **kwargs)
+    ref = batch_entropies(ref_in, fused=False)
+    assert fused.dtype == torch.float32 and fused.shape == (len(layers),)
+    torch.testing.assert_close(fused, ref, atol=ATOL, rtol=1e-5)
+    weights = torch.randn(len(layers), generator=torch.Generator().manual_seed(1))
+    (fused * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for i, (a, b) in enumerate(zip(fused_in, ref_in)):
+        if not b.requires_grad:
+            assert a.grad is None
+            continue
+        assert a.grad.dtype == b.grad.dtype == b.dtype, f"layer {i}"
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=ATOL, rtol=1e-4, msg=f"gradient of layer {i}")
+    return fused
+
+
+@pytest.fixture(params=["per-layer backward", "stacked backward"])
+def backward_mode(request, monkeypatch):
+    """Both backward strategies of the fused path: per layer (CPUs) and one stacked chunk at a time (accelerators)."""
+    if request.param == "stacked backward":
+        monkeypatch.setattr(entropy_module, "_PER_LAYER_BACKWARD_DEVICES", ())
+    return request.param
+
+
+def test_same_shapes(backward_mode):
+    _check_against_reference(_layers([(16, 32)] * 7))
+
+
+def test_mixed_and_interleaved_shapes_keep_the_layer_order(backward_mode):
+    shapes = [(8, 16), (8, 4, 3), (8, 16), (8, 5), (8, 4, 3), (8, 16), (8, 2, 2, 3), (8, 5)]
+    layers = _layers(shapes)
+    fused = _check_against_reference(layers)
+    # Each output is its own layer's entropy, not a neighbour's.
+    for i, x in enumerate(layers):
+        torch.testing.assert_close(fused[i], batch_entropies([x.detach()], fused=False)[0], atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_numel", [1, 8 * 16, 3 * 8 * 16, 1 << 30])
+def test_chunking_does_not_change_the_result(monkeypatch, backward_mode, max_numel):
+    # 1 → one layer per chunk; 8·16 → one (8, 16) layer per chunk; 3·8·16 → chunks of 3 and a remainder; huge → one.
+    monkeypatch.setattr(entropy_module, "_MAX_CHUNK_NUMEL", max_numel)
+    monkeypatch.setattr(entropy_module, "_CPU_CHUNK_NUMEL", max_numel)
+    shapes = [(8, 16)] * 7 + [(8, 4, 3)] * 2 + [(8, 16)] * 2
+    _check_against_reference(_layers(shapes))
+
+
+def test_chunks_are_bounded(monkeypatch):
+    monkeypatch.setattr(entropy_module, "_MAX_CHUNK_NUMEL", 3 * 8 * 16)
+    monkeypatch.setattr(entropy_module, "_CPU_CHUNK_NUMEL", 1 << 30)
+    units = [x.reshape(8, -1) for x in _layers([(8, 16)] * 7 + [(8, 12)] * 2, requires_grad=False)]
+    assert entropy_module._chunks(units) == [[[0, 1, 2], [3, 4, 5], [6]], [[7, 8]]]
+    # On CPUs the smaller of the two limits applies.
+    monkeypatch.setattr(entropy_module, "_CPU_CHUNK_NUMEL", 2 * 8 * 16)
+    assert entropy_module._chunks(units)[0] == [[0, 1], [2, 3], [4, 5], [6]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(backward_mode, dtype):
+    # Computed in float32 from the low-precision values; gradients come back in the layers' dtype.
+    _check_against_reference(_layers([(16, 8)] * 4 + [(16, 2, 3)], dtype=dtype))
+
+
+def test_mixed_dtypes_same_shape(backward_mode):
+    layers = _layers([(16, 8)] * 4)
+    layers[1] = layers[1].detach().to(torch.bfloat16).requires_grad_()
+    layers[3] = layers[3].detach().double().requires_grad_()
+    _check_against_reference(layers)
+
+
+def test_single_layer_duplicates_and_layers_without_gradient(backward_mode):
+    _check_against_reference(_layers([(4, 3)]))
+    x = _layers([(8, 6)])[0]
+    _check_against_reference([x, x, x])  # the same tensor three times: three contributions to its gradient
+    layers = _layers([(8, 6)] * 4)
+    layers[2] = layers[2].detach()
+    _check_against_reference(layers)
+
+
+def test_non_contiguous_layers(backward_mode):
+    layers = [x.detach().transpose(1, 2).requires_grad_() for x in _layers([(8, 3, 4)] * 3)]
+    assert not layers[0].is_contiguous()
+    _check_against_reference(layers)
+
+
+def test_inputs_are_not_modified(backward_mode):
+    for shapes in ([(8, 16)], [(8, 16)] * 3):
+        layers = _layers(shapes)
+        before = [x.detach().clone() for x in layers]
+        batch_entropies(layers).sum().backward()
+        for x, b in zip(layers, before):
+            assert torch.equal(x.detach(), b)
+
+
+def test_no_grad_and_requires_grad_give_the_same_values():
+    layers = _layers([(8, 16)] * 3 + [(8, 5)])
+    with torch.no_grad():
+        a = batch_entropies(layers)
+    torch.testing.assert_close(a, batch_entropies(layers).detach(), atol=0, rtol=0)
+    torch.testing.assert_close(a, batch_entropies(layers, fused=False).detach(), atol=ATOL, rtol=1e-5)
+
+
+def test_a_large_mean_does_not_cancel_the_variance():
+    # Units with mean 100 and standard deviation 0.01: E[x²] − E[x]² in float32 would lose every digit of the variance
+    # (E[x²] = 1e4 has a float32 spacing of 1e-3, 10× the variance); the two-pass variance keeps it.
+    g = torch.Generator().manual_seed(0)
+    x = (100 + 0.01 * torch.randn(64, 8, generator=g, dtype=torch.float64)).float()
+    var = x.double().var(dim=0)
+    expected = (0.5 * torch.log1p(torch.pi * torch.e * var)).mean().item()
+    naive_var = (x * x).mean(0) - x.mean(0) ** 2
+    assert not torch.allclose(naive_var * 64 / 63, var.float(), rtol=0.1)  # the test can tell
+    for got in batch_entropies([x, x * 1.0]):
+        assert got.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_backward_keeps_no_stacked_copy():
+    """What the fused path saves for the backward: the layers themselves (no copy) and the (L, 1, U) means."""
+    layers = _layers([(32, 64)] * 10)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        entropies = batch_entropies(layers)
+    layer_storages = {x.untyped_storage().data_ptr() for x in layers}
+    extra = [t for t in saved if t.untyped_storage().data_ptr() not in layer_storages]
+    extra_bytes = sum(t.numel() * t.element_size() for t in extra)
+    layer_bytes = sum(x.numel() * x.element_size() for x in layers)
+    assert extra_bytes <= layer_bytes / 16, f"the backward keeps {extra_bytes} bytes beside the layers"
+    entropies.sum().backward()
+    assert all(x.grad is not None for x in layers)
+
+
+def test_per_layer_gradients_are_separate_tensors():
+    """On CPUs each layer's gradient is its own allocation, so autograd can free it as soon as it is consumed."""
+    layers = _layers([(16, 8)] * 5)
+    hidden = [x * 1.0 for x in layers]
+    seen = []
+    for h in hidden:
+        h.register_hook(lambda g: seen.append(g.untyped_storage().data_ptr()))
+    batch_entropies(hidden).sum().backward()
+    assert len(set(seen)) == len(hidden)
+
+
+# --- torch.compile ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_no_graph_break(requires_grad):
+    import torch._dynamo as dynamo
+
+    shapes = [(8, 16)] * 3 + [(8, 4, 3), (8, 16), (8, 5)]  # interleaved: exercises the reordering too
+    dynamo.reset()
+    explanation = dynamo.explain(batch_entropies)(_layers(shapes, requires_grad=requires_grad))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_matches_eager():
+    """`torch.compile(fullgraph=True)` of the fused path (aot_eager: dynamo and AOT autograd, no C++ compiler)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    compiled = torch.compile(batch_entropies, backend="aot_eager", fullgraph=True)
+    shapes = [(8, 16)] * 3 + [(8, 4, 3), (8, 16)]
+    layers = _layers(shapes)
+    a, b = _clone(layers), _clone(layers)
+    got = compiled(a)
+    want = batch_entropies(b, fused=False)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+    weights = torch.randn(len(shapes))
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, atol=ATOL, rtol=1e-4)
