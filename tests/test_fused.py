@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import hf_batch_entropy.entropy as entropy_module
-from hf_batch_entropy import batch_entropies
+from conftest import TinyMLP, make_args, tiny_bert, token_dataset, vector_dataset
+from hf_batch_entropy import BatchEntropyTrainer, batch_entropies
 
 ATOL = 1e-5
 
@@ -210,3 +211,44 @@ def test_compiled_matches_eager():
     (want * weights).sum().backward()
     for x, y in zip(a, b):
         torch.testing.assert_close(x.grad, y.grad, atol=ATOL, rtol=1e-4)
+
+
+def _train_params(tmp_path, model_name: str, device: str = "cpu", **kwargs) -> tuple[dict, BatchEntropyTrainer]:
+    torch.manual_seed(0)
+    model, dataset = (TinyMLP(depth=4, width=32), vector_dataset()) if model_name == "mlp" else (tiny_bert(), token_dataset())
+    args = make_args(tmp_path, use_cpu=device == "cpu", max_steps=2, learning_rate=1e-2, lbe_alpha=0.8, lbe_alpha_min=0.1, **kwargs)
+    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=dataset)
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = getattr(model, "_orig_mod", model)
+    return {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, trainer
+
+
+def _check_compiled_training(tmp_path, model_name, device, backend, atol):
+    import torch._dynamo as dynamo
+
+    eager, eager_trainer = _train_params(tmp_path / "eager", model_name, device)
+    dynamo.reset()
+    compiled, trainer = _train_params(
+        tmp_path / "compiled", model_name, device, torch_compile=True, torch_compile_backend=backend
+    )
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule), type(trainer.model_wrapped)
+    assert trainer.regularizer.num_layers == eager_trainer.regularizer.num_layers
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], atol=atol, rtol=0, msg=k)
+    torch.testing.assert_close(trainer.regularizer.alpha, eager_trainer.regularizer.alpha, atol=atol, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["mlp", "bert"], ids=["forward-hooks", "hidden-states"])
+def test_trainer_torch_compile_cpu(tmp_path, model_name):
+    """`torch_compile=True` with the regularizer, on both capture paths, trains exactly like eager. The aot_eager
+    backend exercises dynamo (hooks and hidden states in the compiled graph) and AOT autograd without a C++ compile;
+    scripts/gpu_check.sh runs inductor on a GPU."""
+    _check_compiled_training(tmp_path, model_name, "cpu", "aot_eager", atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_name", ["mlp", "bert"], ids=["forward-hooks", "hidden-states"])
+def test_trainer_torch_compile_cuda_inductor(tmp_path, model_name):
+    _check_compiled_training(tmp_path, model_name, "cuda", "inductor", atol=1e-4)
