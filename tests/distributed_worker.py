@@ -1,7 +1,7 @@
 """Training runs of a tiny BERT classifier with `BatchEntropyTrainer`, for `tests/test_distributed.py`.
 
-Launched with several processes (`python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py ...`,
-gloo on CPU) and imported by the tests for the single-process reference runs, so that both sides train exactly the same
+Launched with several processes (`accelerate launch --config_file <ddp.yaml> --num_processes 2
+tests/distributed_worker.py ...` or `python -m torch.distributed.run --nproc_per_node 2 ...`, gloo on CPU) and imported by the tests for the single-process reference runs, so that both sides train exactly the same
 model on exactly the same data.
 
 Every run records, per optimizer step and per rank: the batch-entropies, task loss, LBE loss and regularized loss that

@@ -1,15 +1,17 @@
 """Multi-process training (DDP, gloo on CPU): `α` stays identical on every rank, synchronized batch-entropy makes
 N processes × B/N equal 1 process × B, only the main process writes, and checkpoints resume across process counts.
 
-One launch of two processes (`torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py`) runs all the
-two-process scenarios; the single-process references run in this process with the same worker code. The whole module
-takes about 25 s on 2 CPU cores, most of it the start-up of the two workers.
+One launch of two processes (`accelerate launch --config_file <bundled ddp.yaml> --num_processes 2
+tests/distributed_worker.py`, gloo on CPU) runs all the two-process scenarios; the single-process references run in
+this process with the same worker code. The whole module takes about 25 s on 2 CPU cores, most of it the start-up of
+the two workers.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+
+from hf_batch_entropy import accelerate_configs
 
 pytestmark = [
     pytest.mark.distributed,
@@ -33,11 +37,20 @@ TWO_PROCESS_SCENARIOS = ("sync", "nosync", "avg_tokens", "resume_same", "resume_
 ATOL = 1e-5
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(out: Path, scenarios, checkpoint: Path, nproc: int = 2) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    """`accelerate launch` with the bundled DDP configuration, as a user would on GPUs. Without GPUs the processes
+    train on CPU with gloo (the worker sets use_cpu=True); `--cpu` would make Accelerate start a single process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", accelerate_configs.path("ddp"),
+        "--num_processes", str(nproc), "--mixed_precision", "no", "--main_process_port", str(_free_port()),
         str(WORKER_PATH), "--out", str(out), "--record-writes", "--checkpoint", str(checkpoint),
         "--scenarios", *scenarios,
     ]  # fmt: skip
@@ -185,3 +198,20 @@ def test_resume_from_checkpoint(runs, resumed, reference):
             torch.testing.assert_close(got["entropies"], want["entropies"], atol=ATOL, rtol=0)
         torch.testing.assert_close(result["alpha"], ref["alpha"], atol=ATOL, rtol=0)
         assert _max_param_diff(result["params"], ref["params"]) < ATOL
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")]
+)
+def test_bundled_accelerate_configs_load(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(accelerate_configs.path(name))
+    assert config.distributed_type.name == distributed_type
+    assert config.mixed_precision == "no"  # the training script's --bf16/--fp16 decide
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+    if name == "deepspeed_zero2":
+        assert config.deepspeed_config["zero_stage"] == 2
+    with pytest.raises(ValueError, match="Unknown accelerate configuration"):
+        accelerate_configs.path("ddp3")
