@@ -75,6 +75,21 @@ def test_activations_are_hookable_modules():
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, out.hidden_states))
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, labels = torch.randn(8, 1, 8, 8), torch.arange(8)
+    grads = []
+    for checkpointing in (False, True):
+        model = _mlp(depth=6)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert all(layer.gradient_checkpointing for layer in model.layers)
+        model.train()
+        out = model(pixel_values=x, labels=labels, output_hidden_states=True)
+        (out.loss + sum(h.var(0).mean() for h in out.hidden_states)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
 def test_no_skip_norm_or_dropout():
     model = _cnn(depth=2)
     kinds = {type(m) for m in model.modules()}

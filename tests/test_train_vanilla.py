@@ -36,11 +36,11 @@ def _restore_torch_globals():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Both runs of a depth-12 MLP for 20 steps, in-process (the script's main() with an argv)."""
+    """Both runs of a depth-24 MLP for 20 steps, in-process (the script's main() with an argv)."""
     out = tmp_path_factory.mktemp("vanilla")
     script = _load_script()
     argv = [
-        "--depth", "12", "--width", "16", "--max_steps", "20", "--logging_steps", "5", "--eval_steps", "10",
+        "--depth", "24", "--width", "16", "--max_steps", "20", "--logging_steps", "5", "--eval_steps", "10",
         "--learning_rate", "5e-3", "--per_device_train_batch_size", "64", "--output_dir", str(out),
         "--disable_tqdm", "true", "--seed", "0",
     ]
@@ -55,9 +55,9 @@ def test_writes_results_and_picture(tiny_run):
         saved = json.load(f)
     assert saved == json.loads(json.dumps(results))
     for r in saved:
-        assert r["steps"] == 20 and r["depth"] == 12 and r["num_layers"] == 12
+        assert r["steps"] == 20 and r["depth"] == 24 and r["num_layers"] == 24
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_loss"] > 0
-        assert len(r["entropies_end"]) == 12
+        assert len(r["entropies_end"]) == 24
         assert r["entropy_min"] == min(r["entropies_end"])
         assert r["wall_time_s"] > 0 and r["train_task_loss"] is not None
         assert [e["step"] for e in r["eval_curve"]] == [10, 20]
@@ -73,7 +73,7 @@ def test_same_init_and_lbe_raises_entropy(tiny_run):
     baseline, lbe = results
     # Both runs start from the same weights (same seed before the model is built).
     assert baseline["init_checksum"] == lbe["init_checksum"]
-    # Twenty steps of LBE already lift the (tiny) entropies of this depth-12 network above the baseline's.
+    # Twenty steps of LBE already lift the (tiny) entropies of this depth-24 network and revive dead layers.
     assert lbe["entropy_mean"] > 2 * baseline["entropy_mean"]
     assert lbe["alive_layers"] > baseline["alive_layers"]
 
@@ -107,3 +107,25 @@ def test_cnn_single_run(tmp_path):
     ])
     assert len(results) == 1 and results[0]["num_layers"] == 4  # 3 conv layers + the fully connected one
     assert (tmp_path / "batch_entropy.png").exists()
+
+
+def test_local_image_folder_dataset(tmp_path):
+    """--dataset PATH: an image folder (class subfolders) through datasets' imagefolder loader, resized."""
+    pytest.importorskip("datasets")
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = (torch.rand(10, 10, generator=rng) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    script = _load_script()
+    results = script.main([
+        "--dataset", str(tmp_path / "images"), "--image_size", "6", "--depth", "3", "--width", "8",
+        "--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "2", "--eval_strategy", "no",
+        "--runs", "lbe", "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true",
+    ])
+    assert results[0]["steps"] == 4 and results[0]["num_layers"] == 3
+    # 24 images, no 'test' split: a stratified 20% test split of the train folder.
+    assert results[0]["dataset"] == str(tmp_path / "images")
