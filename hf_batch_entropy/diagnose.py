@@ -532,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         target: Any = config
     else:
         target = args.model
-    # Subnormal floats in deep dead networks make CPU arithmetic many times slower; they are ~0 anyway.
+    # Subnormal floats in deep dead networks slow CPU arithmetic down (docs/vanilla.md); they are ~0 anyway.
     torch.set_flush_denormal(True)
     try:
         report = diagnose(
