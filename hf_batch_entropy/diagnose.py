@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -556,6 +557,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(report.format(max_rows=args.max_rows or None))
     return 0 if report.trainable else 1
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule binds `hf_batch_entropy.diagnose` to the module, shadowing the package's export of the
+    function of the same name; calling the module calls the function, so `hf_batch_entropy.diagnose(...)` works
+    whichever was bound first."""
+
+    def __call__(self, *args, **kwargs) -> Diagnosis:
+        return diagnose(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

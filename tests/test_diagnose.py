@@ -76,6 +76,16 @@ def test_cnn_config_and_threshold():
     assert strict.flagged == [0, 1, 2, 3]
 
 
+def test_package_level_name_is_callable_whichever_import_came_first():
+    import hf_batch_entropy
+    import hf_batch_entropy.diagnose as module
+
+    # After `import hf_batch_entropy.diagnose` the package attribute may be the submodule: it must still be callable.
+    for target in (hf_batch_entropy.diagnose, module):
+        report = target(VanillaMLPConfig(depth=2, width=4), num_batches=1, batch_size=8)
+        assert isinstance(report, Diagnosis) and len(report.entropies) == 2
+
+
 def test_bad_inputs():
     with pytest.raises(TypeError, match="nn.Module, a PreTrainedConfig"):
         diagnose(42)
