@@ -59,6 +59,16 @@ def backward_mode(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_reference(dtype):
+    """On a GPU the fused path stacks chunks (forward and backward): same values and gradients as the reference."""
+    shapes = [(16, 32)] * 5 + [(16, 4, 3), (16, 32), (16, 4, 3)]
+    layers = [x.detach().cuda().requires_grad_() for x in _layers(shapes, dtype=dtype)]
+    fused = _check_against_reference(layers)
+    assert fused.device.type == "cuda"
+
+
 def test_same_shapes(backward_mode):
     _check_against_reference(_layers([(16, 32)] * 7))
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU checks of issues 5 and 6, in one go (about 4-6 minutes on one H100/H200):
+#   1. the GPU tests: fp16 (GradScaler) and bf16 Trainer runs, the fused path on CUDA tensors, torch.compile (inductor)
+#      with the regularizer; plus the CPU tests of the same files;
+#   2. the CUDA benchmark, BatchEntropyTrainer vs Trainer: BERT-base (random init) and the depth-500 width-1000 vanilla
+#      MLP, bf16, without and with torch.compile.
+# Needs torch, transformers and accelerate (no datasets, evaluate or MiniLM package). Run from the repository root:
+#     OUT=/tmp/gpu_check bash scripts/gpu_check.sh
+# Writes under $OUT: env.txt, tests.log, tests.xml, bench_cuda_bf16.{json,log}, bench_cuda_bf16_compile.{json,log}.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python}
+status=0
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  $PY -c "import sys, torch, transformers, accelerate; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| transformers', transformers.__version__, '| accelerate', accelerate.__version__); \
+print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
+  nproc
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== 1. tests =="
+if $PY -c "import pytest" 2>/dev/null; then
+  timeout 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rs --durations=10 \
+      tests/test_fused.py tests/test_mixed_precision.py tests/test_entropy.py \
+      --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+  tail -n 25 "$OUT/tests.log"
+else
+  echo "pytest is not installed: tests skipped" | tee "$OUT/tests.log"
+  status=1
+fi
+
+echo "== 2. benchmark, bf16 =="
+timeout 150 $PY scripts/benchmark.py --device cuda --bf16 --steps 10 --warmup 3 --rounds 2 \
+    --output "$OUT/bench_cuda_bf16.json" > "$OUT/bench_cuda_bf16.log" 2>&1 || status=1
+tail -n 12 "$OUT/bench_cuda_bf16.log"
+
+echo "== 3. benchmark, bf16 + torch.compile =="
+timeout 220 $PY scripts/benchmark.py --device cuda --bf16 --torch_compile --steps 10 --warmup 5 --rounds 1 \
+    --output "$OUT/bench_cuda_bf16_compile.json" > "$OUT/bench_cuda_bf16_compile.log" 2>&1 || status=1
+tail -n 12 "$OUT/bench_cuda_bf16_compile.log"
+
+echo "gpu_check exit status: $status"
+exit $status
