@@ -173,18 +173,46 @@ def _chunks(units: list[torch.Tensor]) -> list[list[list[int]]]:
     return chunked
 
 
-def _squares(mean: torch.Tensor | None, layers: list[torch.Tensor]) -> torch.Tensor:
-    if torch.is_grad_enabled() and any(x.requires_grad for x in layers):
-        return _SquaredDeviations.apply(mean, *layers)
-    return _squared_deviations(mean, layers)[0]  # no autograd.Function where no gradient is wanted (evaluation)
+def _squares(mean: torch.Tensor | None, layers: list[torch.Tensor], originals: list[torch.Tensor]) -> torch.Tensor:
+    """`_SquaredDeviations` of `layers` (the `(B, U)` views of `originals`, the activations as the model made them)."""
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in layers)):
+        return _squared_deviations(mean, layers)[0]  # no autograd.Function where no gradient is wanted (evaluation)
+    squares = _SquaredDeviations.apply(mean, *layers)
+    _schedule_with_layers(squares, originals)
+    return squares
 
 
-def _local_squares(units: list[torch.Tensor], chunks: list[list[int]]) -> tuple[list[torch.Tensor], int]:
+def _schedule_with_layers(output: torch.Tensor, layers: list[torch.Tensor]) -> None:
+    """Run the backward of a chunk when the model's backward reaches the chunk's deepest layer, not first.
+
+    Autograd runs the ready node with the highest sequence number first. The estimator's nodes are created after the
+    whole forward pass, so they would all run at the start of the backward, and the gradients of every regularized
+    layer (`L·B·U` floats) would wait in memory until the model's backward consumes them, layer after layer, and go
+    cold in the cache. Giving the chunk's node the sequence number of its deepest layer's node makes autograd run it
+    just before that layer's backward: one chunk of gradients exists at a time. Only the order changes (the node's
+    dependencies are the same); skipped where the private hook is missing or under `torch.compile`.
+    """
+    if torch.compiler.is_compiling():
+        return
+    node = output.grad_fn
+    if node is None or not hasattr(node, "_set_sequence_nr"):
+        return
+    numbers = [x.grad_fn._sequence_nr() for x in layers if x.grad_fn is not None]
+    if numbers:
+        node._set_sequence_nr(max(numbers))
+
+
+def _local_squares(
+    units: list[torch.Tensor], chunks: list[list[int]], originals: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], int]:
     """Per chunk `Σ_b (x − μ)²` `(L_chunk, U)` about each layer's own batch mean, and the batch size."""
-    return [_squares(None, [units[i] for i in chunk]) for chunk in chunks], units[0].shape[0]
+    squares = [_squares(None, [units[i] for i in chunk], [originals[i] for i in chunk]) for chunk in chunks]
+    return squares, units[0].shape[0]
 
 
-def _global_squares(units: list[torch.Tensor], chunks: list[list[int]]) -> tuple[list[torch.Tensor], int]:
+def _global_squares(
+    units: list[torch.Tensor], chunks: list[list[int]], originals: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], int]:
     """Per chunk `Σ (x − μ)²` `(L_chunk, U)` over the union of all processes' batches, and the global batch size.
 
     Two passes, like `torch.var`: first the global count and means, then the squared deviations from those means, so
@@ -204,7 +232,9 @@ def _global_squares(units: list[torch.Tensor], chunks: list[list[int]]) -> tuple
         for s in sums:
             means.append((flat[offset : offset + s.numel()].view_as(s) / total).unsqueeze(1).to(s.device))
             offset += s.numel()
-    local = [_squares(mean, [units[i] for i in chunk]) for mean, chunk in zip(means, chunks)]
+    local = [
+        _squares(mean, [units[i] for i in chunk], [originals[i] for i in chunk]) for mean, chunk in zip(means, chunks)
+    ]
     flat = _AllReduceSum.apply(torch.cat([sq.flatten().to(device) for sq in local]))
     squares, offset = [], 0
     for sq in local:
@@ -253,7 +283,7 @@ def batch_entropies(
     # network), chunk each group so the transient stacked copy stays bounded, and reduce each chunk in one pass.
     groups = _chunks(units)
     chunks = [chunk for group in groups for chunk in group]
-    squares, total = _global_squares(units, chunks) if distributed else _local_squares(units, chunks)
+    squares, total = (_global_squares if distributed else _local_squares)(units, chunks, activations)
     device = units[0].device
     values, position = [], 0
     for group in groups:

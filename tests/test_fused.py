@@ -39,7 +39,7 @@ def _check_against_reference(layers, **kwargs):
     ref = batch_entropies(ref_in, fused=False)
     assert fused.dtype == torch.float32 and fused.shape == (len(layers),)
     torch.testing.assert_close(fused, ref, atol=ATOL, rtol=1e-5)
-    weights = torch.randn(len(layers), generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(len(layers), generator=torch.Generator().manual_seed(1)).to(fused.device)
     (fused * weights).sum().backward()
     (ref * weights).sum().backward()
     for i, (a, b) in enumerate(zip(fused_in, ref_in)):
@@ -262,3 +262,35 @@ def test_trainer_torch_compile_cpu(tmp_path, model_name):
 @pytest.mark.parametrize("model_name", ["mlp", "bert"], ids=["forward-hooks", "hidden-states"])
 def test_trainer_torch_compile_cuda_inductor(tmp_path, model_name):
     _check_compiled_training(tmp_path, model_name, "cuda", "inductor", atol=1e-4)
+
+
+def test_backward_of_a_chunk_runs_when_the_model_backward_reaches_it(monkeypatch):
+    """Each chunk's gradients are computed just before the model's backward needs them (deepest layer first), not
+    all at the start of the backward: at most one chunk of layer gradients waits in memory."""
+    monkeypatch.setattr(entropy_module, "_CPU_CHUNK_NUMEL", 3 * 8 * 16)  # chunks of 3 layers
+    torch.manual_seed(0)
+    weights = [(torch.randn(16, 16) * 0.3).requires_grad_() for _ in range(9)]
+    h = torch.randn(8, 16)
+    hidden = []
+    for w in weights:
+        h = torch.tanh(h @ w)
+        hidden.append(h)
+    events = []
+    for i, layer in enumerate(hidden):
+        layer.register_hook(lambda g, i=i: events.append(("layer", i)))
+    real_backward = entropy_module._SquaredDeviations.backward
+
+    def backward(ctx, grad):
+        events.append(("chunk", len(ctx.saved_tensors) - 1))
+        return real_backward(ctx, grad)
+
+    monkeypatch.setattr(entropy_module._SquaredDeviations, "backward", staticmethod(backward))
+    loss = hidden[-1].sum() + batch_entropies(hidden).sum()
+    loss.backward()
+    # Layers 8, 7, 6 form the last chunk, 5, 4, 3 the middle one, 2, 1, 0 the first.
+    order = [e for e in events if e[0] == "layer"]
+    assert order == [("layer", i) for i in range(8, -1, -1)]
+    chunks = [position for position, e in enumerate(events) if e[0] == "chunk"]
+    assert len(chunks) == 3
+    assert chunks[1] > events.index(("layer", 6)) and chunks[2] > events.index(("layer", 3))
+    assert all(w.grad is not None for w in weights)
