@@ -29,8 +29,9 @@ import sys
 
 import torch
 from torch.utils.data import Dataset
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+from transformers import TrainerCallback
 
+from conftest import tiny_bert  # the tests' tiny BERT (dropout 0); this script's folder is on sys.path
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
 
 GLOBAL_BATCH = 8
@@ -56,22 +57,6 @@ class ToyTextDataset(Dataset):
             "attention_mask": torch.ones_like(self.input_ids[i]),
             "labels": self.labels[i],
         }
-
-
-def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=2,
-    )
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config)
 
 
 class Recorder(TrainerCallback):
