@@ -335,6 +335,11 @@ class VanillaTrainer(BatchEntropyTrainer):
             self.args.dataloader_drop_last = drop_last
 
 
+def scheduler_name(args) -> str:
+    """`"linear"`, `"polynomial"`, ...: TrainingArguments turns the flag into a `SchedulerType` enum after parsing."""
+    return getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type))
+
+
 def compute_accuracy(eval_pred) -> dict[str, float]:
     logits, labels = eval_pred
     logits = logits[0] if isinstance(logits, tuple) else logits
@@ -447,7 +452,7 @@ def run_one(name: str, model_args: ModelArguments, data_args: DataArguments, tra
         "activation": model_args.activation, "dataset": data_args.dataset,
         "lbe_beta": beta, "lbe_alpha": args.lbe_alpha, "lbe_alpha_min": args.lbe_alpha_min,
         "lbe_alpha_learning_rate": args.lbe_alpha_learning_rate,
-        "learning_rate": args.learning_rate, "lr_scheduler_type": str(args.lr_scheduler_type),
+        "learning_rate": args.learning_rate, "lr_scheduler_type": scheduler_name(args),
         "batch_size": args.per_device_train_batch_size, "seed": args.seed,
         "init_checksum": init_checksum,
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
@@ -481,7 +486,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [r for r in runs if r not in RUNS]
     if not runs or unknown:
         raise ValueError(f"--runs must list 'baseline' and/or 'lbe', got {data_args.runs!r}.")
-    if str(training_args.lr_scheduler_type) not in ("polynomial", "SchedulerType.POLYNOMIAL") and (
+    if scheduler_name(training_args) != "polynomial" and (
         training_args.lr_scheduler_kwargs == DEFAULT_SCHEDULER_KWARGS
     ):
         # Our default kwargs belong to the default polynomial schedule; another schedule would reject `power`.

@@ -61,6 +61,7 @@ def test_writes_results_and_picture(tiny_run):
         assert r["entropy_min"] == min(r["entropies_end"])
         assert r["wall_time_s"] > 0 and r["train_task_loss"] is not None
         assert [e["step"] for e in r["eval_curve"]] == [10, 20]
+        assert r["lr_scheduler_type"] == "polynomial"  # the flag's name, not the enum's repr
     assert saved[0]["lbe_beta"] == 0.0 and saved[1]["lbe_beta"] == 0.5
     png = out / "batch_entropy.png"
     with open(png, "rb") as f:
