@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .capture import ForwardHookCapture, HiddenStatesCapture, resolve_target_modules
+from .denormals import flush_denormals
 from .entropy import batch_entropies
 
 __all__ = ["DEFAULT_THRESHOLD", "Diagnosis", "default_threshold", "diagnose", "digits_batches", "main", "text_batches"]
@@ -534,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         target = args.model
     # Subnormal floats in deep dead networks slow CPU arithmetic down (docs/vanilla.md); they are ~0 anyway.
-    torch.set_flush_denormal(True)
+    flush_denormals()
     try:
         report = diagnose(
             target,

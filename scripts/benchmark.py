@@ -20,7 +20,7 @@ Peak memory:
   only (else CPU memory is not measured).
 
 On CPU the script flushes subnormal floats to zero (`torch.set_flush_denormal(True)`, on the main thread and on every
-OpenMP thread, see `flush_denormals`): at initialization the deep layers of a depth-500 vanilla network carry subnormal
+OpenMP thread, see `hf_batch_entropy.denormals`): at initialization the deep layers of a depth-500 vanilla network carry subnormal
 floats, which make CPU matrix products 10-60× slower; without it the timing is of the subnormals, for both trainers,
 and varies wildly from turn to turn.
 
@@ -49,7 +49,6 @@ import contextlib
 import copy
 import ctypes
 import gc
-import glob
 import json
 import os
 import platform
@@ -67,6 +66,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.utils import logging as hf_logging
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
+from hf_batch_entropy.denormals import flush_denormals
 
 CPU_CASES = ("minilm", "mlp256")
 CUDA_CASES = ("bert-base", "mlp1000")
@@ -493,27 +493,6 @@ def _write(path: str | None, data: dict) -> bool:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     return True
-
-
-def flush_denormals() -> bool:
-    """Flush subnormal floats to zero on the main thread and on every thread of torch's OpenMP pool.
-
-    `torch.set_flush_denormal` sets the calling thread's FTZ/DAZ flags only; the OpenMP worker threads that run half
-    of every matrix product on 2 cores keep computing with subnormals (measured: a 128×1000 @ 1000×1000 product with
-    subnormal inputs, 3 ms on 1 thread, 180 ms on 2). So the call is also made inside an OpenMP parallel region of
-    the libgomp that torch ships, once per pool thread. Returns whether the pool was reached.
-    """
-    torch.set_flush_denormal(True)
-    libs = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
-    if not libs:
-        return False
-    try:
-        gomp = ctypes.CDLL(libs[0])
-        callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(True))
-        gomp.GOMP_parallel(callback, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
-        return True
-    except (OSError, AttributeError):
-        return False
 
 
 def _cpu_name() -> str:

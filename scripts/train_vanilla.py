@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 from transformers import HfArgumentParser, PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer, batch_entropies
+from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
 from hf_batch_entropy.diagnose import DEFAULT_THRESHOLD
 from hf_batch_entropy.models import build_vanilla_model
 
@@ -78,7 +79,7 @@ class ModelArguments:
     activation: str = field(default="relu", metadata={"help": "Activation, a key of transformers ACT2FN (relu, gelu, tanh...)."})
     flush_denormal: bool = field(
         default=True,
-        metadata={"help": "On CPU, flush subnormal floats to zero (torch.set_flush_denormal). Deep vanilla networks "
+        metadata={"help": "On CPU, flush subnormal floats to zero on every thread (hf_batch_entropy.denormals). Deep vanilla networks "
                   "produce subnormal activations and gradients, on which CPU arithmetic is slower (measured 1.1-2.8x for "
                   "a forward+backward of the depth-500 MLP at widths 64-256); see "
                   "docs/vanilla.md for the measurement. No effect on GPU."},
@@ -430,8 +431,9 @@ def run_one(name: str, model_args: ModelArguments, data_args: DataArguments, tra
     # Fingerprint of the initial weights: equal across runs, to show that they start from the same network.
     init_checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
     recorder = EntropyRecorder()
+    callbacks = [recorder] + ([FlushDenormalsCallback()] if model_args.flush_denormal else [])
     trainer = VanillaTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
-                                  compute_metrics=compute_accuracy, callbacks=[recorder])
+                             compute_metrics=compute_accuracy, callbacks=callbacks)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(CompactProgressCallback)
     if trainer.pop_callback(PrinterCallback) is not None:
@@ -496,9 +498,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if model_args.flush_denormal and training_args.device.type == "cpu":
         # Deep vanilla networks produce subnormal floats, on which CPU arithmetic is slower (1.1-2.8x, docs/vanilla.md).
-        # Flushing them to zero changes values only below 1.2e-38.
-        torch.set_flush_denormal(True)
-        logger.info("CPU: flushing subnormal floats to zero (torch.set_flush_denormal(True); --flush_denormal False to keep them).")
+        # Flushing them to zero changes values only below 1.2e-38. The trainers' callback repeats it every step.
+        flush_denormals()
+        logger.info("CPU: flushing subnormal floats to zero on every thread (--flush_denormal False to keep them).")
 
     if training_args.device.type == "cpu":
         threads = model_args.torch_threads or (1 if model_args.width <= 256 else torch.get_num_threads())
