@@ -7,6 +7,7 @@ activations at layers 1, 5, 10, 50, 250, 500 (exp of the entropy of the normaliz
     python docs/experiments/rank_probe.py --opt adam --lr 2e-3 --sched const --steps 150 --eval_every 50
     python docs/experiments/rank_probe.py --opt muon --lr 1e-2 --alr 2e-3 --steps 600 --eval_every 100
     python docs/experiments/rank_probe.py --joint 1 --sched const --steps 150 --eval_every 25
+    python docs/experiments/rank_probe.py --precond 1e-2 --opt tadam --local 1 --sched const --steps 100 --eval_every 25
 
 Not part of the package or the tests: an experiment, one thread, ~0.08 s per Adam step on the project machine.
 """
@@ -26,7 +27,7 @@ p.add_argument("--sched", default="poly2"); p.add_argument("--bs", type=int, def
 p.add_argument("--eps", type=float, default=1e-8); p.add_argument("--b1", type=float, default=0.9)
 p.add_argument("--b2", type=float, default=0.999); p.add_argument("--clip", type=float, default=1.0)
 p.add_argument("--eval_every", type=int, default=100); p.add_argument("--seed", type=int, default=42)
-p.add_argument("--logdet", type=float, default=0.0); p.add_argument("--mlr", type=float, default=1.0); p.add_argument("--alr", type=float, default=None); p.add_argument("--freeze_bias", type=int, default=0); p.add_argument("--joint", type=int, default=0)
+p.add_argument("--logdet", type=float, default=0.0); p.add_argument("--mlr", type=float, default=1.0); p.add_argument("--alr", type=float, default=None); p.add_argument("--freeze_bias", type=int, default=0); p.add_argument("--joint", type=int, default=0); p.add_argument("--precond", type=float, default=0.0); p.add_argument("--local", type=int, default=0)
 a = p.parse_args()
 torch.set_flush_denormal(True); torch.set_num_threads(1); torch.manual_seed(a.seed)
 train, test, nl = tv.load_digits_split(0.2, 42)
@@ -102,6 +103,9 @@ while step < a.steps:
         out = model(pixel_values=X[idx], output_hidden_states=True)
         hs = list(out.hidden_states)
         ce = torch.nn.functional.cross_entropy(out.logits, Y[idx])
+        if a.local:
+            # "Local" LBE: each layer's entropy from its own input, detached, so only its own weights serve its target.
+            hs = [layer(x.detach()) for layer, x in zip(model.layers, [X[idx].flatten(1)] + [h.flatten(1) for h in hs[:-1]])]
         if a.joint:
             Hs = torch.stack([h.flatten(1) for h in hs]).double()
             Hc = Hs - Hs.mean(1, keepdim=True)
@@ -114,6 +118,21 @@ while step < a.steps:
         lbe = ((H - torch.maximum(alpha.abs(), torch.tensor(a.amin))) ** 2).mean()
         loss = ce * (1 + a.beta * lbe)
         opt.zero_grad(set_to_none=True); loss.backward()
+        if a.precond:
+            # Right-precondition each hidden layer's weight gradient by the inverse of its input's batch covariance
+            # (damped relative to its mean eigenvalue), the input factor of K-FAC: G ← G·(Σ_in + δ·tr(Σ_in)/d·I)⁻¹.
+            with torch.no_grad():
+                inputs = [X[idx].flatten(1)] + [h.flatten(1) for h in hs[:-1]]
+                for layer, x in zip(model.layers, inputs):
+                    xc = (x - x.mean(0)).double()
+                    cov = xc.T @ xc / len(xc)
+                    damp = a.precond * cov.diagonal().mean().clamp_min(1e-300)
+                    A = cov + damp * torch.eye(cov.shape[0], dtype=cov.dtype)
+                    grad = layer.dense.weight.grad
+                    pre = torch.linalg.solve(A, grad.double().T).T
+                    # Only the direction changes: the norm stays the gradient's (global clipping, Adam's moments).
+                    pre = pre * (grad.double().norm() / pre.norm().clamp_min(1e-300))
+                    layer.dense.weight.grad = torch.nan_to_num(pre).to(grad.dtype)
         if a.clip: torch.nn.utils.clip_grad_norm_(params + [alpha], a.clip)
         opt.step(); step += 1
         if step % a.eval_every == 0 or step == a.steps:
