@@ -14,14 +14,25 @@ inside one OpenMP parallel region of the libgomp that torch ships, i.e. once on 
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 
 import torch
 from transformers import TrainerCallback
 
-# Keeps the ctypes callback alive while libgomp may call it.
-_POOL_CALLBACK = None
+@functools.cache
+def _pool_entry():
+    """`(GOMP_parallel, callback)` of the libgomp that torch ships, or `None` without one; found once per process (it
+    runs at every optimizer step). Caching also keeps the ctypes callback alive while libgomp may call it."""
+    libraries = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
+    if not libraries:
+        return None
+    try:
+        parallel = ctypes.CDLL(libraries[0]).GOMP_parallel
+    except (OSError, AttributeError):
+        return None
+    return parallel, ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(True))
 
 
 def flush_denormals() -> bool:
@@ -31,19 +42,13 @@ def flush_denormals() -> bool:
         `True` if the OpenMP pool was reached as well, `False` if only the calling thread was flushed (torch built
         without a bundled libgomp, e.g. on macOS; then use 1 thread, `torch.set_num_threads(1)`, to be safe).
     """
-    global _POOL_CALLBACK
     if not torch.set_flush_denormal(True):
         return False  # the CPU has no FTZ/DAZ (not x86 with SSE3): nothing to do on any thread
-    libraries = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
-    if not libraries:
+    entry = _pool_entry()
+    if entry is None:
         return False
-    try:
-        gomp = ctypes.CDLL(libraries[0])
-        if _POOL_CALLBACK is None:
-            _POOL_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: torch.set_flush_denormal(True))
-        gomp.GOMP_parallel(_POOL_CALLBACK, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
-    except (OSError, AttributeError):
-        return False
+    parallel, callback = entry
+    parallel(callback, None, ctypes.c_uint(torch.get_num_threads()), ctypes.c_uint(0))
     return True
 
 

@@ -68,7 +68,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.utils import logging as hf_logging
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
-from hf_batch_entropy.denormals import flush_denormals
+from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
 
 CPU_CASES = ("minilm", "mlp256")
 CUDA_CASES = ("bert-base", "mlp1000")
@@ -181,9 +181,8 @@ def get_case(name: str) -> Case:
 class StepTimer(TrainerCallback):
     """Wall time of every optimizer step, from `on_step_begin` to `on_step_end`."""
 
-    def __init__(self, cuda: bool, flush_denormals: bool = False):
+    def __init__(self, cuda: bool):
         self.cuda = cuda
-        self.flush_denormals = flush_denormals
         self.times: list[float] = []
         self._start = 0.0
 
@@ -192,9 +191,6 @@ class StepTimer(TrainerCallback):
             torch.cuda.synchronize()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.flush_denormals:
-            # Again every step (about 0.1 ms, not timed): threads the OpenMP pool starts later are not flushed yet.
-            flush_denormals()
         self._sync()
         self._start = time.perf_counter()
 
@@ -302,14 +298,16 @@ def run_turn(case: Case, variant: str, master: torch.nn.Module, data: TensorDict
         torch_compile=opts.torch_compile,
         seed=0,
     )
-    timer = StepTimer(cuda, flush_denormals=not cuda)
+    timer = StepTimer(cuda)
+    # The flush runs every step on CPU (a no-op on CUDA), before the timer starts: callbacks run in list order.
+    callbacks = [FlushDenormalsCallback(), timer]
     if variant == "trainer":
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=callbacks)
     else:
         args = BatchEntropyConfig(
             **common, lbe_fused=(variant != "lbe_unfused"), lbe_sync_entropy=(variant == "lbe_sync")
         )
-        trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+        trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no log lines between the turns
     trainer.train()
     del trainer, model
