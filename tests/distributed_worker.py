@@ -1,8 +1,9 @@
 """Training runs of a tiny BERT classifier with `BatchEntropyTrainer`, for `tests/test_distributed.py`.
 
 Launched with several processes (`accelerate launch --config_file <ddp.yaml> --num_processes 2
-tests/distributed_worker.py ...` or `python -m torch.distributed.run --nproc_per_node 2 ...`, gloo on CPU) and imported by the tests for the single-process reference runs, so that both sides train exactly the same
-model on exactly the same data.
+tests/distributed_worker.py ...` or `python -m torch.distributed.run --nproc_per_node 2 ...`, gloo on CPU) and
+imported by the tests for the single-process reference runs, so that both sides train exactly the same model on
+exactly the same data.
 
 Every run records, per optimizer step and per rank: the batch-entropies, task loss, LBE loss and regularized loss that
 the regularizer computed, `α` after the step, the trainer's log history and the final parameters. With `--record-writes`
@@ -31,13 +32,13 @@ import torch
 from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
-from conftest import tiny_bert  # the tests' tiny BERT (dropout 0); this script's folder is on sys.path
+from conftest import tiny_bert, tiny_bert_config  # the tests' tiny BERT (dropout 0); this script's folder is on sys.path
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
 
 GLOBAL_BATCH = 8
 NUM_EXAMPLES = 64
 SEQ_LEN = 8
-VOCAB = 64
+VOCAB = tiny_bert_config().vocab_size
 
 
 class ToyTextDataset(Dataset):
