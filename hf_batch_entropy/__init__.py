@@ -35,10 +35,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Imported lazily so that `python -m hf_batch_entropy.diagnose` does not find its module already imported.
+    # `diagnose` is imported on first use so that `python -m hf_batch_entropy.diagnosis` (the CLI) does not find its
+    # module already imported by the package.
     if name == "diagnose":
-        from .diagnose import diagnose
+        from .diagnosis import diagnose
 
-        globals()["diagnose"] = diagnose  # importing the submodule bound the name to the module; the function wins
         return diagnose
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

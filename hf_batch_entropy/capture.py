@@ -1,6 +1,7 @@
 """Where the regularized activations come from.
 
-Two sources, one interface (`prepare_inputs` → forward → `collect`, inside `capturing()`):
+Two sources, one interface (`prepare_inputs` → forward → `collect` → `restore`, inside `capturing()`), and one place
+that chooses between them, `select_capture`:
 
 - `HiddenStatesCapture`: a Transformers model's own `hidden_states` (`output_hidden_states=True`): embeddings plus
   every layer's output; encoder and decoder ones for encoder-decoder models.
@@ -17,9 +18,10 @@ its step. A functional activation (`F.relu(x)` inside `forward`) has no module t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -32,8 +34,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ForwardHookCapture",
     "HiddenStatesCapture",
+    "accepts_hidden_states",
     "default_target_modules",
     "resolve_target_modules",
+    "select_capture",
 ]
 
 HIDDEN_STATE_KEYS = ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
@@ -96,13 +100,46 @@ def resolve_target_modules(model: nn.Module, targets: Any) -> list[tuple[str, nn
     return chosen
 
 
+def _forward_parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # a builtin or otherwise unintrospectable forward
+        return {}
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    params = _forward_parameters(model)
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def accepts_hidden_states(model: nn.Module) -> bool:
+    """Whether `model` is a Transformers model whose `forward` takes `output_hidden_states` (by name or `**kwargs`)."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and _accepts(model, "output_hidden_states")
+
+
 class HiddenStatesCapture:
-    """Regularize the `hidden_states` a Transformers model returns with `output_hidden_states=True`."""
+    """Regularize the `hidden_states` a Transformers model returns with `output_hidden_states=True`.
+
+    The forward is asked for a `ModelOutput` (`return_dict=True`) so that the hidden states can be found by name;
+    `restore` hands the caller a tuple again where it asked for one (`return_dict=False` in the inputs or the config).
+    """
 
     source = "hidden_states"
 
+    def __init__(self, model: nn.Module | None = None):
+        self._force_dict = model is not None and _accepts(model, "return_dict")
+        self._config_wants_tuple = getattr(getattr(model, "config", None), "return_dict", True) is False
+        self._wants_tuple = False
+
     def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return {**inputs, "output_hidden_states": True}
+        prepared = {**inputs, "output_hidden_states": True}
+        if self._force_dict:
+            asked = inputs.get("return_dict")
+            self._wants_tuple = asked is False or (asked is None and self._config_wants_tuple)
+            prepared["return_dict"] = True
+        return prepared
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
@@ -124,12 +161,14 @@ class HiddenStatesCapture:
                 names.extend(f"{key}.{i}" for i in range(len(states)))
         return activations, names
 
-    @staticmethod
-    def strip(outputs: Any) -> Any:
-        """`outputs` without the hidden states we asked for, so callers (e.g. evaluation) see what they expect."""
-        if not isinstance(outputs, dict) or not any(outputs.get(k) is not None for k in HIDDEN_STATE_KEYS):
-            return outputs
-        return type(outputs)(**{k: v for k, v in outputs.items() if k not in HIDDEN_STATE_KEYS})
+    def restore(self, outputs: Any, keep_hidden_states: bool = False) -> Any:
+        """`outputs` as the caller would have had them: without the hidden states we asked for (unless it asked for
+        them too), and as a tuple where it asked for one."""
+        if isinstance(outputs, dict) and not keep_hidden_states and any(outputs.get(k) is not None for k in HIDDEN_STATE_KEYS):
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in HIDDEN_STATE_KEYS})
+        if self._wants_tuple and hasattr(outputs, "to_tuple"):
+            outputs = outputs.to_tuple()
+        return outputs
 
     def remove(self) -> None:
         pass
@@ -189,7 +228,7 @@ class ForwardHookCapture:
         return activations, names
 
     @staticmethod
-    def strip(outputs: Any) -> Any:
+    def restore(outputs: Any, keep_hidden_states: bool = False) -> Any:
         return outputs
 
     def remove(self) -> None:
@@ -197,3 +236,61 @@ class ForwardHookCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+Capture = HiddenStatesCapture | ForwardHookCapture
+
+
+def select_capture(
+    model: nn.Module,
+    target_modules: Any,
+    probe: Callable[[Capture], tuple[list[torch.Tensor], list[str]]],
+) -> tuple[Capture, list[torch.Tensor], list[str]]:
+    """Choose where the regularized activations of `model` come from: the one place that decides.
+
+    1. `target_modules` given: forward hooks on those modules;
+    2. else a Transformers model whose `forward` takes `output_hidden_states`: its `hidden_states`, if a forward
+       returns any;
+    3. else forward hooks on the default modules (`default_target_modules`).
+
+    Args:
+        model: the unwrapped model (hooks go on its modules, its `forward` signature is read).
+        target_modules: `lbe_target_modules` (see `resolve_target_modules`).
+        probe: runs one forward of the model (wrapped as needed) with a capture, as
+            `capture.collect(model(**capture.prepare_inputs(batch)))` inside `capture.capturing()`, and returns the
+            `(activations, names)` it collected.
+
+    Returns:
+        The capture, and the activations and layer names of the probe's forward.
+    """
+    if target_modules is None and accepts_hidden_states(model):
+        capture = HiddenStatesCapture(model)
+        try:
+            activations, names = probe(capture)
+        except TypeError as err:  # a forward that passes **kwargs on to a function that does not take them
+            if "output_hidden_states" not in str(err) and "return_dict" not in str(err):
+                raise
+            activations, names = [], []
+        if activations:
+            logger.info(f"LBE regularizes {_describe(names)} (hidden_states).")
+            return capture, activations, names
+        logger.warning(
+            f"{type(model).__name__} returned no hidden_states with output_hidden_states=True; regularizing the "
+            "outputs of its activation modules instead (set lbe_target_modules to choose)."
+        )
+    capture = ForwardHookCapture(resolve_target_modules(model, target_modules))
+    activations, names = probe(capture)
+    if not activations:
+        capture.remove()
+        raise ValueError(
+            f"None of the modules chosen for LBE ({', '.join(capture.module_names[:10])}) ran in the forward pass. "
+            "Check lbe_target_modules."
+        )
+    (logger.warning if target_modules is None else logger.info)(
+        f"LBE regularizes {_describe(names)} (forward_hooks)."
+    )
+    return capture, activations, names
+
+
+def _describe(names: Sequence[str]) -> str:
+    return f"{len(names)} layers: {', '.join(names[:8])}{' ... ' + names[-1] if len(names) > 8 else ''}"

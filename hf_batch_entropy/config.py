@@ -6,6 +6,7 @@ exactly like the `TrainingArguments` flags it extends.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -44,7 +45,8 @@ class BatchEntropyConfig(TrainingArguments):
         default=0.5,
         metadata={
             "help": "Initial value α₀ of every layer's learnable batch-entropy target α_l (nats per unit). "
-            "α_l is trained by the same optimizer as the model, without weight decay."
+            "α is trained by an AdamW of its own (no weight decay; adam_beta1/2 and adam_epsilon of these "
+            "arguments), whatever optimizer trains the model."
         },
     )
     lbe_alpha_min: float = field(
@@ -58,8 +60,8 @@ class BatchEntropyConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Learning rate of the α targets. Default (None): the model's learning_rate, as in the paper. "
-            "When fine-tuning with a small learning rate (say 2e-5) α hardly moves from α₀; set e.g. 1e-3 to let the "
-            "targets adapt to each layer."
+            "It follows the model's schedule (warm-up, decay). When fine-tuning with a small learning rate (say "
+            "2e-5) α hardly moves from α₀; set e.g. 1e-3 to let the targets adapt to each layer."
         },
     )
     lbe_target_modules: list[str] | None = field(
@@ -102,6 +104,10 @@ class BatchEntropyConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("lbe_beta", "lbe_alpha", "lbe_alpha_min", "lbe_alpha_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
         if self.lbe_beta < 0:
             raise ValueError(f"lbe_beta must be >= 0 (0 turns LBE off), got {self.lbe_beta}.")
         if self.lbe_alpha_min < 0:
@@ -136,15 +142,8 @@ class BatchEntropyConfig(TrainingArguments):
 
     @property
     def lbe_settings(self) -> dict:
-        """The LBE settings as a plain dict (saved with checkpoints and written to the model card)."""
-        return {
-            "lbe_beta": self.lbe_beta,
-            "lbe_alpha": self.lbe_alpha,
-            "lbe_alpha_min": self.lbe_alpha_min,
-            "lbe_alpha_learning_rate": self.lbe_alpha_learning_rate,
-            "lbe_sync_entropy": self.lbe_sync_entropy,
-            "lbe_target_modules": self.to_dict()["lbe_target_modules"],
-        }
+        """Every `lbe_*` field as a JSON-able dict (the model card's; the regularizer's files use the same keys)."""
+        return {name: value for name, value in self.to_dict().items() if name.startswith("lbe_")}
 
 
 def _compile_regex(pattern: str) -> re.Pattern:

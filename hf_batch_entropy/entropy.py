@@ -52,11 +52,12 @@ def entropy_from_variance(var: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.log1p(PI_E * var)
 
 
-def _as_units(x: torch.Tensor, what: str = "activations", to_float: bool = True) -> torch.Tensor:
-    """`(B, ...)` → `(B, U)` (float32 unless `to_float=False`), after checking that a batch-entropy exists."""
+def _as_units(x: torch.Tensor, what: str = "activations", to_float: bool = True, min_batch: int = 2) -> torch.Tensor:
+    """`(B, ...)` → `(B, U)` (float32 unless `to_float=False`), after checking that a batch-entropy exists: `B ≥ 2`,
+    or `B ≥ min_batch` where the batch is pooled with other processes'."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"Batch-entropy needs a tensor of {what}, got {type(x).__name__}.")
-    if x.dim() == 0 or x.shape[0] < 2:
+    if x.dim() == 0 or x.shape[0] < min_batch:
         shape = tuple(x.shape)
         raise ValueError(
             f"Batch-entropy is a statistic over the batch and needs at least 2 examples; the {what} have shape "
@@ -212,8 +213,9 @@ def _local_squares(
 
 def _global_squares(
     units: list[torch.Tensor], chunks: list[list[int]], originals: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], int]:
-    """Per chunk `Σ (x − μ)²` `(L_chunk, U)` over the union of all processes' batches, and the global batch size.
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per chunk `Σ (x − μ)²` `(L_chunk, U)` over the union of all processes' batches, and the global batch size (a
+    float32 scalar tensor on the device, never read on the host).
 
     Two passes, like `torch.var`: first the global count and means, then the squared deviations from those means, so
     it is as stable as the single-process computation (no `E[x²] − E[x]²` cancellation). All chunks travel together:
@@ -225,9 +227,7 @@ def _global_squares(
         count = torch.tensor([float(units[0].shape[0])], device=device)
         flat = torch.cat([s.flatten().to(device) for s in sums] + [count])
         dist.all_reduce(flat)
-        total = int(flat[-1].item())
-        if total < 2:
-            raise ValueError("Batch-entropy needs at least 2 examples across all processes.")
+        total = flat[-1]  # stays on the device: reading it would synchronize every step
         means, offset = [], 0
         for s in sums:
             means.append((flat[offset : offset + s.numel()].view_as(s) / total).unsqueeze(1).to(s.device))
@@ -269,7 +269,13 @@ def batch_entropies(
         raise ValueError("batch_entropies got no activations: there is no layer to regularize.")
     distributed = _sync_active(sync)
     fused = fused or distributed
-    units = [_as_units(x, f"activations of layer {i}", to_float=not fused) for i, x in enumerate(activations)]
+    # Pooled across processes, one example here is enough: the global batch decides (a global batch of one gives
+    # an infinite variance, which the callers' finiteness checks report).
+    min_batch = 1 if distributed else 2
+    units = [
+        _as_units(x, f"activations of layer {i}", to_float=not fused, min_batch=min_batch)
+        for i, x in enumerate(activations)
+    ]
     batch = units[0].shape[0]
     for i, x in enumerate(units):
         if x.shape[0] != batch:

@@ -1,4 +1,5 @@
-r"""The LBE regularizer: learnable per-layer entropy targets `α` and the loss that pulls each layer towards its target.
+r"""The LBE regularizer: learnable per-layer entropy targets `α`, their optimizer, and the loss that pulls each layer
+towards its target.
 
 For layers `l = 1…L` with batch-entropies `H_l` (see `entropy.py`):
 
@@ -8,24 +9,60 @@ For layers `l = 1…L` with batch-entropies `H_l` (see `entropy.py`):
 
 Multiplying by `L_task` (as the paper does) makes the regularizer fade as the task is learned, and makes it scale with
 whatever normalization the task loss already has (gradient accumulation, token averaging across devices).
+
+`α` is not a parameter of the model, and it is not trained by the model's optimizer: the regularizer owns an AdamW
+for it (`configure_optimizer`, `step`), as the paper trains `α` with Adam. So the model's optimizer and scheduler,
+whoever builds them (`Trainer`, the user, DeepSpeed, FSDP), only ever see model parameters, and `α`'s optimizer state
+travels in the regularizer's own files.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .entropy import batch_entropies
 
-__all__ = ["BatchEntropyRegularizer", "LBEOutput", "REGULARIZER_CONFIG_NAME", "REGULARIZER_WEIGHTS_NAME"]
+__all__ = [
+    "BatchEntropyRegularizer",
+    "LBEOutput",
+    "REGULARIZER_CONFIG_NAME",
+    "REGULARIZER_WEIGHTS_NAME",
+    "raise_if_nonfinite",
+]
 
 REGULARIZER_WEIGHTS_NAME = "batch_entropy_regularizer.safetensors"
 REGULARIZER_CONFIG_NAME = "batch_entropy_regularizer.json"
+
+# The regularizer's settings, saved and read under the names of the `BatchEntropyConfig` fields they come from.
+SETTINGS = ("lbe_beta", "lbe_alpha", "lbe_alpha_min", "lbe_fused", "lbe_sync_entropy")
+# Keys of files written by hf-batch-entropy 0.1.0 before the settings took the config's names.
+_LEGACY_KEYS = {"beta": "lbe_beta", "alpha": "lbe_alpha", "alpha_min": "lbe_alpha_min", "fused": "lbe_fused",
+                "sync_entropy": "lbe_sync_entropy"}
+# AdamW state tensors of `α`, stored in the safetensors file as `optimizer.<name>`.
+_OPTIMIZER_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def raise_if_nonfinite(nonfinite: torch.Tensor, layer_names: Sequence[str]) -> None:
+    """Raise a `FloatingPointError` naming the layers whose entry of `nonfinite` `(L,)` is non-zero (a count or a flag
+    of NaN/inf batch-entropies). Reads `nonfinite` on the host: call it where a synchronization is acceptable."""
+    bad = [layer_names[i] for i, count in enumerate(nonfinite.tolist()) if count]
+    if bad:
+        raise FloatingPointError(
+            f"Batch-entropy is NaN or inf for {len(bad)} layer(s): {', '.join(bad[:10])}"
+            f"{' ...' if len(bad) > 10 else ''}. Their activations contain NaN or inf values, so the model has "
+            "diverged (or overflowed in fp16). Lower the learning rate, enable gradient clipping "
+            "(`max_grad_norm`), or train in bf16/fp32 instead of fp16."
+        )
 
 
 @dataclass
@@ -46,8 +83,16 @@ class LBEOutput:
     """`max(α_min, |α_l|)`, shape `(L,)`."""
 
 
+def _check_finite_setting(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}.")
+    return value
+
+
 class BatchEntropyRegularizer(nn.Module):
-    """Holds one learnable entropy target `α_l` per regularized layer and computes the LBE loss.
+    """Holds one learnable entropy target `α_l` per regularized layer, computes the LBE loss and (once
+    `configure_optimizer` was called) trains `α` with its own AdamW.
 
     Args:
         num_layers: number of regularized layers `L` (one `α` each).
@@ -56,12 +101,17 @@ class BatchEntropyRegularizer(nn.Module):
         alpha_min: floor of the targets.
         fused: compute all layers' entropies in one fused reduction (see `batch_entropies`).
         sync_entropy: compute entropies over the global batch of all processes.
-        layer_names: optional names of the layers, for messages and logs.
+        layer_names: optional names of the layers, for messages, logs and checking a checkpoint against the model.
+        check_finite: raise a `FloatingPointError` at once when an entropy is NaN or inf. This reads a value on the
+            host every step (a device synchronization); `BatchEntropyTrainer` turns it off and checks a tally of
+            non-finite entropies at each logging step instead.
 
     Example:
         >>> reg = BatchEntropyRegularizer(num_layers=3, beta=0.5, alpha=0.5, alpha_min=0.5)
+        >>> reg.configure_optimizer(lr=1e-3)
         >>> out = reg([h1, h2, h3], task_loss)      # each h: (B, ...) activations
-        >>> out.loss.backward()                     # trains the model and reg.alpha
+        >>> out.loss.backward()                     # gradients for the model and for reg.alpha
+        >>> model_optimizer.step(); reg.step()      # reg.step(): AdamW on α, then α's gradient is cleared
     """
 
     def __init__(
@@ -73,23 +123,30 @@ class BatchEntropyRegularizer(nn.Module):
         fused: bool = True,
         sync_entropy: bool = False,
         layer_names: Sequence[str] | None = None,
+        check_finite: bool = True,
     ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"BatchEntropyRegularizer needs at least one layer, got num_layers={num_layers}.")
         if layer_names is not None and len(layer_names) != num_layers:
             raise ValueError(f"Got {len(layer_names)} layer names for {num_layers} layers.")
-        self.beta = float(beta)
-        self.alpha_init = float(alpha)
-        self.alpha_min = float(alpha_min)
+        self.beta = _check_finite_setting("beta", beta)
+        self.alpha_init = _check_finite_setting("alpha", alpha)
+        self.alpha_min = _check_finite_setting("alpha_min", alpha_min)
+        if self.beta < 0 or self.alpha_min < 0:
+            raise ValueError(f"beta and alpha_min must be >= 0, got beta={self.beta}, alpha_min={self.alpha_min}.")
         self.fused = fused
         self.sync_entropy = sync_entropy
+        self.check_finite = check_finite
         self.layer_names = list(layer_names) if layer_names is not None else [f"layer_{i}" for i in range(num_layers)]
-        self.alpha = nn.Parameter(torch.full((num_layers,), float(alpha)))
+        self.alpha = nn.Parameter(torch.full((num_layers,), self.alpha_init))
+        self.optimizer: torch.optim.AdamW | None = None
+        self.learning_rate: float | None = None
 
     @classmethod
-    def from_config(cls, config, num_layers: int, layer_names: Sequence[str] | None = None) -> BatchEntropyRegularizer:
-        """Build from a `BatchEntropyConfig` (or anything with the same `lbe_*` attributes)."""
+    def from_config(cls, config: Any, num_layers: int, layer_names: Sequence[str] | None = None,
+                    **kwargs) -> BatchEntropyRegularizer:
+        """Build from a `BatchEntropyConfig`, or anything with the same `lbe_*` attributes (see `SETTINGS`)."""
         return cls(
             num_layers,
             beta=config.lbe_beta,
@@ -98,6 +155,7 @@ class BatchEntropyRegularizer(nn.Module):
             fused=config.lbe_fused,
             sync_entropy=config.lbe_sync_entropy,
             layer_names=layer_names,
+            **kwargs,
         )
 
     @property
@@ -119,15 +177,8 @@ class BatchEntropyRegularizer(nn.Module):
                 "`lbe_target_modules`."
             )
         entropies = batch_entropies(activations, fused=self.fused, sync=self.sync_entropy)
-        # One host sync per step; a NaN here would otherwise silently poison the loss and every α.
-        if not bool(torch.isfinite(entropies).all()):
-            bad = [self.layer_names[i] for i in torch.nonzero(~torch.isfinite(entropies)).flatten().tolist()]
-            raise FloatingPointError(
-                f"Batch-entropy is NaN or inf for {len(bad)} layer(s): {', '.join(bad[:10])}"
-                f"{' ...' if len(bad) > 10 else ''}. Their activations contain NaN or inf values, so the model has "
-                "diverged (or overflowed in fp16). Lower the learning rate, enable gradient clipping "
-                "(`max_grad_norm`), or train in bf16/fp32 instead of fp16."
-            )
+        if self.check_finite:
+            raise_if_nonfinite(~torch.isfinite(entropies), self.layer_names)
         return entropies
 
     def forward(self, activations: Sequence[torch.Tensor], task_loss: torch.Tensor) -> LBEOutput:
@@ -174,36 +225,91 @@ class BatchEntropyRegularizer(nn.Module):
             f"alpha_min={self.alpha_min}, fused={self.fused}, sync_entropy={self.sync_entropy}"
         )
 
+    # --- α's optimizer -----------------------------------------------------------------------------------------------
+
+    def configure_optimizer(
+        self,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        fused: bool | None = None,
+        foreach: bool | None = None,
+    ) -> torch.optim.AdamW:
+        """Give `α` its own AdamW (no weight decay): the paper trains `α` with Adam beside the model.
+
+        Args:
+            lr: the base learning rate of `α`; `step(lr_factor)` applies `lr · lr_factor` (a schedule's factor).
+            betas, eps: Adam's; `BatchEntropyTrainer` passes the training arguments' `adam_beta1/2`, `adam_epsilon`.
+            fused, foreach: torch's implementation switches. Choosing the model optimizer's makes `α`'s updates
+                bit-identical to those it would get as a parameter group of that optimizer.
+        """
+        self.learning_rate = _check_finite_setting("lr", lr)
+        self.optimizer = torch.optim.AdamW(
+            [self.alpha], lr=self.learning_rate, betas=betas, eps=eps, weight_decay=0.0, fused=fused, foreach=foreach
+        )
+        return self.optimizer
+
+    def step(self, lr_factor: float = 1.0) -> None:
+        """One AdamW step of `α` at `lr · lr_factor`, then clear `α`'s gradient.
+
+        Across processes (an initialized `torch.distributed` group of more than one), `α`'s gradient is averaged
+        first, so every process applies the same update and `α` stays identical everywhere; a process without a
+        gradient this step (e.g. a batch of one example was skipped) takes part with zeros. Nothing is read on the
+        host.
+        """
+        if self.optimizer is None:
+            raise RuntimeError("BatchEntropyRegularizer.step() needs an optimizer: call configure_optimizer() first.")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if self.alpha.grad is None:
+                self.alpha.grad = torch.zeros_like(self.alpha)
+            dist.all_reduce(self.alpha.grad)
+            self.alpha.grad.div_(dist.get_world_size())
+        if self.alpha.grad is not None:
+            self.optimizer.param_groups[0]["lr"] = self.learning_rate * lr_factor
+            self.optimizer.step()
+        self.alpha.grad = None
+
     # --- persistence -------------------------------------------------------------------------------------------------
 
     def settings(self) -> dict:
-        """Everything but `α` itself, as JSON-able values."""
-        return {
+        """Everything but the tensors, as JSON-able values; the `lbe_*` keys are those of `BatchEntropyConfig`."""
+        settings = {
             "num_layers": self.num_layers,
-            "beta": self.beta,
-            "alpha": self.alpha_init,
-            "alpha_min": self.alpha_min,
-            "fused": self.fused,
-            "sync_entropy": self.sync_entropy,
             "layer_names": self.layer_names,
+            **dict(zip(SETTINGS, (self.beta, self.alpha_init, self.alpha_min, self.fused, self.sync_entropy))),
         }
+        if self.optimizer is not None:
+            group = self.optimizer.param_groups[0]
+            settings["optimizer"] = {"name": "AdamW", "lr": self.learning_rate, "betas": list(group["betas"]),
+                                     "eps": group["eps"]}
+        return settings
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write `α` (safetensors) and the settings (JSON) into `save_directory`, beside the model's own files."""
+        """Write `α` and its AdamW state (safetensors) and the settings (JSON) into `save_directory`, beside the
+        model's own files."""
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
-        save_file({"alpha": self.alpha.detach().cpu().contiguous()}, os.path.join(save_directory, REGULARIZER_WEIGHTS_NAME))
+        tensors = {"alpha": self.alpha.detach().cpu().contiguous()}
+        state = self.optimizer.state.get(self.alpha, {}) if self.optimizer is not None else {}
+        for name in _OPTIMIZER_STATE:
+            if name in state:
+                tensors[f"optimizer.{name}"] = torch.as_tensor(state[name]).detach().cpu().contiguous()
+        save_file(tensors, os.path.join(save_directory, REGULARIZER_WEIGHTS_NAME))
         with open(os.path.join(save_directory, REGULARIZER_CONFIG_NAME), "w") as f:
             json.dump(self.settings(), f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> BatchEntropyRegularizer:
-        """Rebuild a regularizer saved by `save_pretrained`; keyword arguments override saved settings."""
+        """Rebuild a regularizer saved by `save_pretrained` (with its optimizer, if one was saved); keyword arguments
+        override the constructor's arguments."""
         settings = cls.read_settings(directory)
-        settings.update(overrides)
-        regularizer = cls(**settings)
-        regularizer.load_alpha(directory)
+        kwargs = {"layer_names": settings["layer_names"], **overrides}
+        regularizer = cls.from_config(SimpleNamespace(**settings), settings["num_layers"], **kwargs)
+        optimizer = settings.get("optimizer")
+        if optimizer is not None:
+            regularizer.configure_optimizer(optimizer["lr"], betas=tuple(optimizer["betas"]), eps=optimizer["eps"])
+        regularizer.load_state(directory)
         return regularizer
 
     @staticmethod
@@ -215,17 +321,31 @@ class BatchEntropyRegularizer(nn.Module):
                 "BatchEntropyTrainer with every checkpoint; was this folder saved by plain transformers.Trainer?"
             )
         with open(path) as f:
-            return json.load(f)
+            settings = json.load(f)
+        return {_LEGACY_KEYS.get(key, key): value for key, value in settings.items()}
 
-    def load_alpha(self, directory: str | os.PathLike) -> None:
-        """Copy the saved `α` into this regularizer's parameter, in place (optimizers keep referring to it)."""
+    def load_state(self, directory: str | os.PathLike) -> None:
+        """Copy the saved `α` into this regularizer's parameter, in place, and its AdamW state into the optimizer
+        (when both were saved and this regularizer has one).
+
+        The saved layer names must be this regularizer's: `α_l` belongs to one layer, and a model whose layers differ
+        from the checkpoint's would otherwise get its targets silently shuffled.
+        """
         from safetensors.torch import load_file
 
-        alpha = load_file(os.path.join(directory, REGULARIZER_WEIGHTS_NAME))["alpha"]
-        if alpha.shape != self.alpha.shape:
+        saved = self.read_settings(directory)
+        if list(saved["layer_names"]) != self.layer_names:
             raise ValueError(
-                f"The regularizer saved in {directory} has {alpha.numel()} layers; this one has {self.num_layers}. "
-                "Resume with the same model and lbe_target_modules."
+                f"The batch-entropy regularizer saved in {directory} belongs to other layers than this model's.\n"
+                f"  saved ({saved['num_layers']}): {saved['layer_names']}\n"
+                f"  model ({self.num_layers}): {self.layer_names}\n"
+                "Resume with the same model and lbe_target_modules as the checkpoint, or start α afresh from a "
+                "folder without batch_entropy_regularizer.* files."
             )
+        tensors = load_file(os.path.join(directory, REGULARIZER_WEIGHTS_NAME))
         with torch.no_grad():
-            self.alpha.copy_(alpha.to(self.alpha.device))
+            self.alpha.copy_(tensors["alpha"].to(self.alpha.device))
+        if self.optimizer is not None and all(f"optimizer.{name}" in tensors for name in _OPTIMIZER_STATE):
+            state = self.optimizer.state_dict()
+            state["state"] = {0: {name: tensors[f"optimizer.{name}"] for name in _OPTIMIZER_STATE}}
+            self.optimizer.load_state_dict(state)

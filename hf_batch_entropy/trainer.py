@@ -2,14 +2,19 @@
 
 It only glues the pieces into `Trainer`'s hooks:
 
-- `create_optimizer`: find the regularized layers (one probe forward on two training examples, RNG untouched), build
-  the `BatchEntropyRegularizer` and add its `α` to the optimizer as a group without weight decay;
 - `compute_loss`: the task loss as `Trainer` computes it (label smoothing, `compute_loss_func`, `num_items_in_batch`
-  included), captured activations → entropies → `L_task · (1 + β·mean_l lbe_l)`;
-- `training_step` / `log`: the LBE metrics, summed on the device, reduced across processes and averaged per logging
-  window;
-- `save_model` / `_load_from_checkpoint`: `α` and the settings travel with every checkpoint; the model's own files
-  stay plain Transformers files.
+  included), captured activations → entropies → `L_task · (1 + β·mean_l lbe_l)`. The first call chooses where the
+  activations come from (`capture.select_capture`, on a no-grad probe of that batch, RNG untouched); the first
+  training call builds the `BatchEntropyRegularizer`, by then on the model's device and after any wrapping (DDP,
+  FSDP2, DeepSpeed), whoever built the optimizer;
+- `on_pre_optimizer_step` / `on_optimizer_step` (an internal callback): `α` is trained by the regularizer's own AdamW,
+  once per optimizer step that `Trainer` takes, at the main schedule's factor; `Trainer`'s optimizer and scheduler
+  see model parameters only;
+- `log` / `evaluation_loop`: named LBE metrics, summed on the device per mode and reduced across processes once per
+  logging window (training) or per `evaluate()` / `predict()` call; the NaN/inf check reads its tally there too, so
+  the training step never synchronizes with the host;
+- `save_model` / `train(resume_from_checkpoint=...)` / `_load_best_model`: `α` and its optimizer state travel with
+  every checkpoint and the final folder; the model's own files stay plain Transformers files.
 """
 
 from __future__ import annotations
@@ -19,23 +24,36 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .capture import ForwardHookCapture, HiddenStatesCapture, resolve_target_modules
+from .capture import select_capture
 from .config import BatchEntropyConfig
+from .entropy import batch_entropies
 from .modelcard import MODEL_TAG, SECTION_TITLE, model_card_section
-from .regularizer import REGULARIZER_CONFIG_NAME, BatchEntropyRegularizer
+from .regularizer import REGULARIZER_CONFIG_NAME, BatchEntropyRegularizer, raise_if_nonfinite
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["BatchEntropyTrainer"]
 
-# Order of the per-step statistics summed in the logging window; per-layer entropies follow.
-_TRAIN_STATS = ("task_loss", "lbe_loss", "batch_entropy_mean", "batch_entropy_min", "lbe_alpha_mean")
-_EVAL_STATS = ("batch_entropy_mean", "batch_entropy_min")
+# Metrics summed per logging window that are per optimizer step, like Trainer's "loss"; the others are per measured
+# forward pass (`measured` counts those).
+_PER_STEP = ("task_loss", "lbe_loss")
+
+
+class _AlphaStep(TrainerCallback):
+    """Steps the regularizer's optimizer right after each optimizer step of `Trainer`, before the scheduler moves."""
+
+    def __init__(self, trainer: BatchEntropyTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._unscale_alpha_grad()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._step_alpha()
 
 
 class BatchEntropyTrainer(Trainer):
@@ -45,8 +63,8 @@ class BatchEntropyTrainer(Trainer):
     upgraded with the default `lbe_*` settings). With `lbe_beta=0` the losses and updates are exactly `Trainer`'s.
 
     Attributes:
-        regularizer: the `BatchEntropyRegularizer` (its `alpha` has one entry per regularized layer). Built when
-            training starts (or by `prepare_regularizer()`); `None` before.
+        regularizer: the `BatchEntropyRegularizer` (its `alpha` has one entry per regularized layer, its `optimizer`
+            trains them). Built at the first training step; `None` before.
     """
 
     def __init__(self, model=None, args: TrainingArguments | None = None, *pos_args, **kwargs):
@@ -56,233 +74,279 @@ class BatchEntropyTrainer(Trainer):
             args = BatchEntropyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
         super().__init__(model, args, *pos_args, **kwargs)
         self.regularizer: BatchEntropyRegularizer | None = None
-        self._capture: HiddenStatesCapture | ForwardHookCapture | None = None
-        self._resume_regularizer_from: str | None = None
-        self._task_fraction: torch.Tensor | None = None
-        self._alpha_grad_step: tuple[int, int] | None = None
-        self._windows: dict[str, dict[str, Any]] = {}
+        self._capture = None
+        self._layer_names: list[str] = []
+        self._resume_from: str | None = None
+        self._step_lbe = None  # the LBEOutput of the micro-step in flight, from compute_loss to training_step
+        self._metrics: dict[str, dict[str, torch.Tensor]] = {}
+        self._window_start: dict[str, int] = {}
+        self._warned_batch_of_one = False
+        self.add_callback(_AlphaStep(self))
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([MODEL_TAG])
 
-    # --- setup ------------------------------------------------------------------------------------------------------
+    # --- training ----------------------------------------------------------------------------------------------------
 
-    def prepare_regularizer(self, model: torch.nn.Module | None = None) -> BatchEntropyRegularizer:
-        """Choose the regularized layers of `model` (default `self.model`) and build a fresh regularizer for them.
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`; `α` and its optimizer state come back from `resume_from_checkpoint` when it has them."""
+        self._check_batch_size()
+        if self.model_init is not None or self.optimizer is None:
+            # A new model or a new optimizer: new layers to find, new targets α to learn.
+            self._reset()
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer raises its own error
+        self._resume_from = resume_from_checkpoint or None
+        if self.regularizer is not None and self._resume_from is not None:
+            self._load_regularizer(self._resume_from)
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        self._flush("train")  # the steps after the last log: nothing to report, but a NaN among them is an error
+        return output
 
-        Runs one forward pass, in eval mode and without gradients, on two training examples; the RNG states are
-        restored afterwards, so the training run is the same as without it. `model` may be the wrapped model (FSDP
-        creates the optimizer after wrapping, and only the wrapper can run a forward pass then).
-        """
+    def _check_batch_size(self) -> None:
+        pooled = self.args.lbe_sync_entropy and self.args.world_size > 1
+        if self.args.train_batch_size < 2 and not pooled:
+            raise ValueError(
+                f"Batch-entropy is a statistic over the batch and needs at least 2 examples per forward pass, but "
+                f"per_device_train_batch_size is {self.args.per_device_train_batch_size}. Use a batch size of 2 or "
+                "more (gradient accumulation does not help: each micro-batch is measured on its own), or with several "
+                "processes turn on lbe_sync_entropy to pool their batches."
+            )
+
+    def _reset(self) -> None:
         if self._capture is not None:
             self._capture.remove()
-        model = self.model if model is None else model
-        unwrapped = self.accelerator.unwrap_model(model)
-        targets = self.args.lbe_target_modules
-        if targets is None and isinstance(unwrapped, PreTrainedModel):
-            capture = HiddenStatesCapture()
-            activations, names = self._probe(model, capture)
-            if not activations:
-                logger.warning(
-                    f"{type(unwrapped).__name__} returned no hidden_states with output_hidden_states=True; "
-                    "regularizing the outputs of its activation modules instead (set lbe_target_modules to choose)."
-                )
-                capture = None
-        else:
-            capture = None
-        if capture is None:
-            capture = ForwardHookCapture(resolve_target_modules(unwrapped, targets))
-            activations, names = self._probe(model, capture)
-            if not activations:
-                capture.remove()
-                raise ValueError(
-                    f"None of the modules chosen for LBE ({', '.join(capture.module_names[:10])}) ran in the forward "
-                    "pass of a training batch. Check lbe_target_modules."
-                )
-        regularizer = BatchEntropyRegularizer.from_config(self.args, num_layers=len(activations), layer_names=names)
-        (logger.warning if capture.source == "forward_hooks" and targets is None else logger.info)(
-            f"LBE regularizes {len(names)} layers ({capture.source}): {', '.join(names[:8])}"
-            f"{' ... ' + names[-1] if len(names) > 8 else ''}"
-        )
-        self._capture = capture
-        self.regularizer = regularizer.to(self.args.device)
-        self._windows = {}
-        return self.regularizer
+        self._capture, self._layer_names, self.regularizer = None, [], None
+        self._metrics, self._window_start = {}, {}
 
-    def _probe(self, model: torch.nn.Module, capture) -> tuple[list[torch.Tensor], list[str]]:
-        """One no-grad forward on two training examples; returns what `capture` collected from it."""
-        if self.train_dataset is None:
-            raise ValueError("BatchEntropyTrainer needs a train_dataset to find the layers to regularize.")
-        dataset, collator = self.train_dataset, self.data_collator
-        try:
-            import datasets
-
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="LBE probe")
-            else:
-                collator = self._get_collator_with_removed_columns(collator, description="LBE probe")
-        except ImportError:
-            collator = self._get_collator_with_removed_columns(collator, description="LBE probe")
-        loader = DataLoader(dataset, batch_size=2, collate_fn=collator, shuffle=False)
+    def _select_capture(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
+        """Decide, once, where the regularized activations come from, with a no-grad forward of this batch."""
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         devices = [self.args.device] if self.args.device.type == "cuda" else []
-        was_training = model.training
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            batch = self._prepare_inputs(next(iter(loader)))
-            model.eval()
-            try:
-                with capture.capturing():
-                    outputs = model(**capture.prepare_inputs(batch))
-                return capture.collect(outputs)
-            finally:
-                model.train(was_training)
 
-    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """`Trainer`'s optimizer, plus a parameter group for `α` (no weight decay; `lbe_alpha_learning_rate` if set)."""
-        if self.optimizer is None or self.regularizer is None:
-            self.prepare_regularizer(model)
-            if self._resume_regularizer_from is not None:
-                self._load_regularizer(self._resume_regularizer_from)
-        optimizer = super().create_optimizer(model)
-        alpha = self.regularizer.alpha
-        if not any(p is alpha for group in optimizer.param_groups for p in group["params"]):
-            group = {"params": [alpha], "weight_decay": 0.0}
-            if self.args.lbe_alpha_learning_rate is not None:
-                group["lr"] = self.args.lbe_alpha_learning_rate
-            optimizer.add_param_group(group)
-            if hasattr(optimizer, "register_step_pre_hook"):
-                optimizer.register_step_pre_hook(self._average_alpha_grad)
-        return optimizer
+        def probe(capture):
+            was_training = model.training
+            # Eval mode, no gradients, forked RNG: the run is the same as without the probe (β = 0 stays Trainer).
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                model.eval()
+                try:
+                    with capture.capturing():
+                        outputs = model(**capture.prepare_inputs(inputs))
+                    return capture.collect(outputs)
+                finally:
+                    model.train(was_training)
 
-    def _average_alpha_grad(self, optimizer, args, kwargs) -> None:
-        # α lives outside the DDP-wrapped model, so nothing averages its gradient across processes: do it here, once
-        # per optimizer step, so every rank applies the same update and α stays identical everywhere.
+        self._capture, _, self._layer_names = select_capture(unwrapped, self.args.lbe_target_modules, probe)
+
+    def _build_regularizer(self) -> BatchEntropyRegularizer:
+        args = self.args
+        regularizer = BatchEntropyRegularizer.from_config(
+            args, len(self._layer_names), layer_names=self._layer_names, check_finite=False
+        ).to(args.device)
+        regularizer.configure_optimizer(
+            args.lbe_alpha_learning_rate if args.lbe_alpha_learning_rate is not None else args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            **self._alpha_optimizer_implementation(),
+        )
+        self.regularizer = regularizer
+        if self._resume_from is not None:
+            self._load_regularizer(self._resume_from)
+        return regularizer
+
+    def _alpha_optimizer_implementation(self) -> dict[str, Any]:
+        # The model's torch Adam/AdamW implementation (fused, foreach), so that α's updates are bit-identical to those
+        # of an α inside that optimizer (as the paper trains it). For any other optimizer torch's default.
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            return {key: optimizer.defaults.get(key) for key in ("fused", "foreach")}
+        return {}
+
+    def _unscale_alpha_grad(self) -> None:
+        # Trainer's loss scaling (fp16) scaled α's gradient with the model's; the scaler unscales only the model's.
         grad = self.regularizer.alpha.grad if self.regularizer is not None else None
-        if grad is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(grad)
-            grad.div_(dist.get_world_size())
+        if grad is None:
+            return
+        scaler = self.accelerator.scaler
+        if scaler is not None and scaler.is_enabled():
+            scale = getattr(scaler, "_scale", None)  # the scale tensor: dividing by it reads nothing on the host
+            grad.div_(scale.to(grad.device) if scale is not None else scaler.get_scale())
+        elif self.is_deepspeed_enabled and self.args.fp16:
+            # DeepSpeed scales the loss inside its engine (untested here: deepspeed needs a GPU).
+            scale = getattr(getattr(self.model_wrapped, "optimizer", None), "loss_scale", None)
+            if scale is not None:
+                grad.div_(scale)
 
-    # --- loss -------------------------------------------------------------------------------------------------------
+    def _step_alpha(self) -> None:
+        if self.regularizer is None:
+            return
+        if self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: Trainer skipped the model's step too
+            self.regularizer.alpha.grad = None
+            return
+        self.regularizer.step(self._lr_factor())
+
+    def _lr_factor(self) -> float:
+        """The main schedule's current factor: α's learning rate is `lbe_alpha_learning_rate` (or `learning_rate`)
+        times it, so warm-up and decay apply to α as to the model."""
+        scheduler = self.lr_scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # Exactly the factor the scheduler applied to the model's step (base · λ), as for a group of its own.
+            return scheduler.lr_lambdas[0](scheduler.last_epoch)
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("initial_lr", self.args.learning_rate)
+
+    # --- loss --------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         training = model.training
-        if self._capture is None or not (training or self.args.lbe_eval_entropy):
+        if not (training or self.args.lbe_eval_entropy):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        keep_hidden_states = bool(inputs.get("output_hidden_states")) or bool(
-            getattr(getattr(self.accelerator.unwrap_model(model), "config", None), "output_hidden_states", False)
+        if self._capture is None:
+            self._select_capture(model, inputs)
+        user_wants_hidden_states = bool(inputs.get("output_hidden_states")) or bool(
+            getattr(getattr(self.accelerator.unwrap_model(model, keep_torch_compile=False), "config", None), "output_hidden_states", False)
         )
         with self._capture.capturing():
             loss, outputs = super().compute_loss(
                 model, self._capture.prepare_inputs(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         activations, _ = self._capture.collect(outputs)
-        if not keep_hidden_states:
-            outputs = self._capture.strip(outputs)
+        outputs = self._capture.restore(outputs, keep_hidden_states=user_wants_hidden_states)
+        if loss.dim() > 0:
+            loss = loss.mean()  # nn.DataParallel: one loss per replica, averaged as Trainer's training_step does
+        measurable = activations[0].shape[0] >= 2 or (self.args.lbe_sync_entropy and self.args.world_size > 1)
         if training:
-            lbe = self.regularizer(activations, loss)
-            self._task_fraction = torch.where(lbe.loss != 0, lbe.task_loss / lbe.loss, 1.0).detach().float()
-            self._accumulate(
-                "train",
-                torch.cat(
-                    [
-                        torch.zeros(2, device=lbe.entropies.device),  # task/lbe parts, filled in by training_step
-                        torch.stack([lbe.entropies.mean(), lbe.entropies.min(), lbe.targets.mean()]),
-                        lbe.entropies,
-                    ]
-                ).detach(),
-            )
-            loss = lbe.loss
-        else:
+            loss = self._regularize(activations, loss) if measurable else self._skip_batch_of_one(loss)
+        elif measurable:  # a batch of one example (the last of an evaluation set) has no batch-entropy
             with torch.no_grad():
-                entropies = self.regularizer.entropies(activations)
-            self._accumulate("eval", torch.cat([torch.stack([entropies.mean(), entropies.min()]), entropies]))
+                entropies = batch_entropies(activations, fused=self.args.lbe_fused, sync=self.args.lbe_sync_entropy)
+            self._tally("eval", entropies)
         return (loss, outputs) if return_outputs else loss
 
+    def _regularize(self, activations: list[torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor:
+        regularizer = self.regularizer if self.regularizer is not None else self._build_regularizer()
+        lbe = regularizer(activations, task_loss)
+        self._step_lbe = lbe
+        self._tally("train", lbe.entropies, lbe_alpha_mean=lbe.targets.mean())
+        return lbe.loss
+
+    def _skip_batch_of_one(self, task_loss: torch.Tensor) -> torch.Tensor:
+        if not self._warned_batch_of_one:
+            logger.warning(
+                "A training batch holds a single example, which has no batch-entropy: it trains on the task loss "
+                "alone. (Usually the last batch of an epoch; dataloader_drop_last=True drops it.) Said once."
+            )
+            self._warned_batch_of_one = True
+        return task_loss
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        step = (id(self.state), self.state.global_step)
-        if self.regularizer is not None and self._alpha_grad_step != step:
-            # Trainer clears gradients with `model.zero_grad()`, which does not reach α (not a model parameter): start
-            # each optimizer step with a fresh α.grad, or every update of α would add up all its past gradients.
-            self.regularizer.alpha.grad = None
-            self._alpha_grad_step = step
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._task_fraction is not None:
-            # `loss` is what Trainer adds to its logged "loss" (already scaled for gradient accumulation); split it
-            # into the task part and the LBE part with the same scaling, so that logged loss = task_loss + lbe_loss.
-            window = self._windows["train"]
-            task = loss.float() * self._task_fraction
-            window["sums"][0] += task
-            window["sums"][1] += loss.float() - task
-            self._task_fraction = None
+        # `loss` is what Trainer adds to its logged "loss" (scaled for gradient accumulation as Trainer scales it):
+        # split it into the task part and the LBE part in the same proportion, so that loss = task_loss + lbe_loss.
+        lbe, self._step_lbe = self._step_lbe, None
+        total = loss.float()
+        task = total if lbe is None else total * torch.where(lbe.loss != 0, lbe.task_loss / lbe.loss, 1.0).float()
+        self._add("train", task_loss=task, lbe_loss=total - task)
         return loss
 
-    # --- metrics ----------------------------------------------------------------------------------------------------
+    # --- metrics -----------------------------------------------------------------------------------------------------
 
-    def _accumulate(self, mode: str, values: torch.Tensor) -> None:
-        window = self._windows.get(mode)
-        if window is None:
-            window = self._windows[mode] = {"sums": torch.zeros_like(values), "count": 0, "step": self.state.global_step}
-        window["sums"] += values
-        window["count"] += 1
+    def _add(self, mode: str, **values: torch.Tensor) -> None:
+        """Add named values to this mode's tally (sums on the device, nothing read on the host)."""
+        tally = self._metrics.get(mode)
+        if tally is None:
+            tally = self._metrics[mode] = {}
+            self._window_start[mode] = self.state.global_step
+        for name, value in values.items():
+            value = value.detach().float()
+            tally[name] = tally[name] + value if name in tally else value.clone()
 
-    def _flush(self, mode: str) -> torch.Tensor | None:
-        """The window's sums, added up across processes, and the count of steps in it; then an empty window."""
-        window = self._windows.pop(mode, None)
-        if window is None:
-            return None
-        sums = window["sums"]
+    def _tally(self, mode: str, entropies: torch.Tensor, **extra: torch.Tensor) -> None:
+        """The metrics of one measured forward pass: entropy mean/min over layers, per-layer values, NaN/inf count."""
+        self._add(
+            mode,
+            measured=torch.ones((), device=entropies.device),
+            batch_entropy_mean=entropies.mean(),
+            batch_entropy_min=entropies.min(),
+            batch_entropy_per_layer=entropies,
+            nonfinite=(~torch.isfinite(entropies)).float(),
+            **extra,
+        )
+
+    def _flush(self, mode: str) -> dict[str, Any]:
+        """This mode's tally summed across processes (one reduce), then forgotten; raises on NaN/inf entropies.
+
+        Returns the means: entropy metrics per measured forward pass, `_PER_STEP` ones per process (divide by the
+        window's optimizer steps), `batch_entropy_per_layer` as a list. Empty when nothing was tallied.
+        """
+        tally = self._metrics.pop(mode, None)
+        if not tally:
+            return {}
+        names = list(tally)
+        flat = torch.cat([tally[name].reshape(-1) for name in names])
         if self.accelerator.num_processes > 1:
-            sums = self.accelerator.reduce(sums, reduction="sum")
-        return sums / (window["count"] * self.accelerator.num_processes)
+            flat = self.accelerator.reduce(flat, reduction="sum")
+        values, offset, listed = {}, 0, flat.tolist()
+        for name in names:
+            size = tally[name].numel()
+            values[name] = listed[offset] if tally[name].dim() == 0 else listed[offset : offset + size]
+            offset += size
+        if "nonfinite" in values:
+            raise_if_nonfinite(torch.tensor(values.pop("nonfinite")), self._layer_names)
+        measured = values.pop("measured", 0.0)
+        means = {}
+        for name, value in values.items():
+            if name in _PER_STEP:
+                means[name] = value / self.accelerator.num_processes
+            elif measured:
+                means[name] = [v / measured for v in value] if isinstance(value, list) else value / measured
+        return means
+
+    def _entropy_logs(self, means: dict[str, Any], prefix: str = "") -> dict[str, float]:
+        logs = {f"{prefix}{name}": value for name, value in means.items() if name != "batch_entropy_per_layer"}
+        if self.args.lbe_log_per_layer and "batch_entropy_per_layer" in means:
+            logs.update((f"{prefix}batch_entropy/layer_{i}", v) for i, v in enumerate(means["batch_entropy_per_layer"]))
+        return logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and "train" in self._windows:
-            window = self._windows["train"]
-            steps = max(1, self.state.global_step - window["step"])
-            micro_steps = window["count"]
-            means = self._flush("train").tolist()
-            # task_loss and lbe_loss are per optimizer step, like Trainer's "loss"; the rest per forward pass.
-            logs["task_loss"] = means[0] * micro_steps / steps
-            logs["lbe_loss"] = means[1] * micro_steps / steps
-            logs.update(zip(_TRAIN_STATS[2:], means[2 : len(_TRAIN_STATS)]))
-            if self.args.lbe_log_per_layer:
-                logs.update((f"batch_entropy/layer_{i}", v) for i, v in enumerate(means[len(_TRAIN_STATS) :]))
-        prefix = next((k[: -len("_runtime")] for k in logs if k.endswith("_runtime") and k != "train_runtime"), None)
-        if prefix is not None and "eval" in self._windows:
-            means = self._flush("eval").tolist()
-            logs.update((f"{prefix}_{name}", v) for name, v in zip(_EVAL_STATS, means))
-            if self.args.lbe_log_per_layer:
-                logs.update((f"{prefix}_batch_entropy/layer_{i}", v) for i, v in enumerate(means[len(_EVAL_STATS) :]))
+        if "loss" in logs:  # a training log: Trainer's "loss" is averaged over the same window
+            steps = max(1, self.state.global_step - self._window_start.get("train", self.state.global_step))
+            means = self._flush("train")
+            for name in _PER_STEP:
+                if name in means:
+                    means[name] /= steps
+            logs.update(self._entropy_logs(means))
         super().log(logs, start_time)
 
-    # --- checkpoints and the Hub ------------------------------------------------------------------------------------
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """`Trainer.evaluation_loop`, plus the batch-entropies of this call (`lbe_eval_entropy`) in its metrics as
+        `<metric_key_prefix>_batch_entropy_mean/min`. Each `evaluate()` / `predict()` call has a tally of its own."""
+        self._metrics.pop("eval", None)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(self._entropy_logs(self._flush("eval"), prefix=f"{metric_key_prefix}_"))
+        return output
+
+    # --- checkpoints and the Hub -------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.regularizer is not None and self.args.should_save:
             self.regularizer.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if not os.path.isfile(os.path.join(resume_from_checkpoint, REGULARIZER_CONFIG_NAME)):
-            logger.warning(
-                f"{resume_from_checkpoint} holds no batch-entropy regularizer (it was not written by "
-                "BatchEntropyTrainer): the targets α start again from lbe_alpha."
-            )
-            return
-        if self.regularizer is not None and self.optimizer is not None:
-            self._load_regularizer(resume_from_checkpoint)
-        else:
-            self._resume_regularizer_from = resume_from_checkpoint
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if self.regularizer is not None:
+            self._load_regularizer(self.state.best_model_checkpoint)  # the best weights' α, not the last step's
 
     def _load_regularizer(self, checkpoint: str) -> None:
-        saved = BatchEntropyRegularizer.read_settings(checkpoint)
-        if saved["num_layers"] != self.regularizer.num_layers:
-            raise ValueError(
-                f"The checkpoint {checkpoint} regularized {saved['num_layers']} layers, but this model now has "
-                f"{self.regularizer.num_layers} ({self._capture.source}). Resume with the same model and "
-                "lbe_target_modules."
+        if not os.path.isfile(os.path.join(checkpoint, REGULARIZER_CONFIG_NAME)):
+            logger.warning(
+                f"{checkpoint} holds no batch-entropy regularizer (it was not written by BatchEntropyTrainer): the "
+                f"targets α start from lbe_alpha={self.args.lbe_alpha}."
             )
-        self.regularizer.load_alpha(checkpoint)
-        self._resume_regularizer_from = None
+        else:
+            self.regularizer.load_state(checkpoint)
+        self._resume_from = None
 
     def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
         """`Trainer`'s model card, tagged `batch-entropy`, with a section on LBE: its settings and the paper."""

@@ -46,7 +46,7 @@ from transformers import HfArgumentParser, PrinterCallback, ProgressCallback, Tr
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer, batch_entropies
 from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
-from hf_batch_entropy.diagnose import DEFAULT_THRESHOLD
+from hf_batch_entropy.diagnosis import DEFAULT_THRESHOLD
 from hf_batch_entropy.models import build_vanilla_model
 
 logger = logging.getLogger("train_vanilla")

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from conftest import tiny_bert, tiny_bert_config  # the tests' tiny BERT (dropout 0); this script's folder is on sys.path
-from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
+from hf_batch_entropy import BatchEntropyConfig, BatchEntropyRegularizer, BatchEntropyTrainer
 
 GLOBAL_BATCH = 8
 NUM_EXAMPLES = 64
@@ -70,7 +70,10 @@ class Recorder(TrainerCallback):
         self._handle = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        # The regularizer is built at the first training step: a global forward hook sees it from its first call.
         def hook(module, inputs, out):
+            if not isinstance(module, BatchEntropyRegularizer):
+                return
             self.steps.append(
                 {
                     "entropies": out.entropies.detach().cpu().clone(),
@@ -80,7 +83,7 @@ class Recorder(TrainerCallback):
                 }
             )
 
-        self._handle = self.trainer.regularizer.register_forward_hook(hook)
+        self._handle = torch.nn.modules.module.register_module_forward_hook(hook)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.alphas.append(self.trainer.regularizer.alpha.detach().cpu().clone())

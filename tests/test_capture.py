@@ -4,12 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TinyMLP, tiny_bert
+from transformers import BertForSequenceClassification
+
+from conftest import TinyMLP, tiny_bert, tiny_bert_config
 from hf_batch_entropy.capture import (
     ForwardHookCapture,
     HiddenStatesCapture,
+    accepts_hidden_states,
     default_target_modules,
     resolve_target_modules,
+    select_capture,
 )
 
 
@@ -90,14 +94,60 @@ def test_shared_module_called_twice_gives_two_layers():
     assert capture.collect()[1] == ["act", "act#1"]
 
 
-def test_hidden_states_capture_and_strip():
+def test_hidden_states_capture_and_restore():
     model = tiny_bert()
-    capture = HiddenStatesCapture()
+    capture = HiddenStatesCapture(model)
     inputs = capture.prepare_inputs({"input_ids": torch.randint(4, 64, (3, 7))})
+    assert inputs["output_hidden_states"] is True and inputs["return_dict"] is True
     outputs = model(**inputs)
     acts, layer_names = capture.collect(outputs)
     assert layer_names == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]  # embeddings + 2 layers
     assert all(a.shape == (3, 7, 32) for a in acts)
-    stripped = capture.strip(outputs)
+    stripped = capture.restore(outputs)
     assert stripped.hidden_states is None and "hidden_states" not in stripped.keys()
     torch.testing.assert_close(stripped.logits, outputs.logits)
+    assert capture.restore(outputs, keep_hidden_states=True).hidden_states is outputs.hidden_states
+
+
+def test_hidden_states_of_a_tuple_returning_model_are_found_and_the_tuple_comes_back():
+    model = tiny_bert(return_dict=False)
+    capture = HiddenStatesCapture(model)
+    outputs = model(**capture.prepare_inputs({"input_ids": torch.randint(4, 64, (3, 7))}))
+    assert len(capture.collect(outputs)[0]) == 3
+    restored = capture.restore(outputs)
+    assert isinstance(restored, tuple) and len(restored) == 1  # (logits,), as return_dict=False gives without labels
+    torch.testing.assert_close(restored[0], outputs.logits)
+    # A caller that asks for a ModelOutput explicitly gets one, whatever the config says.
+    capture.prepare_inputs({"input_ids": torch.randint(4, 64, (3, 7)), "return_dict": True})
+    assert not isinstance(capture.restore(outputs), tuple)
+
+
+def _probe_with(model, batch):
+    def probe(capture):
+        with capture.capturing():
+            outputs = model(**capture.prepare_inputs(batch))
+        return capture.collect(outputs)
+
+    return probe
+
+
+def test_select_capture_prefers_hidden_states_then_hooks():
+    batch = {"input_ids": torch.randint(4, 64, (3, 7))}
+    model = tiny_bert()
+    capture, acts, names = select_capture(model, None, _probe_with(model, batch))
+    assert capture.source == "hidden_states" and len(acts) == 3
+    capture, acts, names = select_capture(model, ["intermediate_act_fn"], _probe_with(model, batch))
+    assert capture.source == "forward_hooks" and names == [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)]
+    capture.remove()
+
+
+def test_select_capture_falls_back_to_hooks_for_a_forward_without_output_hidden_states():
+    class NoHiddenStates(BertForSequenceClassification):
+        def forward(self, input_ids, labels=None):  # no output_hidden_states, no **kwargs
+            return super().forward(input_ids=input_ids, labels=labels)
+
+    model = NoHiddenStates(tiny_bert_config())
+    assert not accepts_hidden_states(model)
+    capture, acts, names = select_capture(model, None, _probe_with(model, {"input_ids": torch.randint(4, 64, (3, 7))}))
+    assert capture.source == "forward_hooks" and names and all("act" in n for n in names)
+    capture.remove()

@@ -72,10 +72,85 @@ def test_save_and_load_roundtrip(tmp_path):
     loaded = BatchEntropyRegularizer.from_pretrained(tmp_path)
     torch.testing.assert_close(loaded.alpha, reg.alpha)
     assert loaded.settings() == reg.settings()
-    with pytest.raises(ValueError, match="has 4 layers"):
-        BatchEntropyRegularizer(3).load_alpha(tmp_path)
+    assert loaded.optimizer is None  # none was configured, none is saved
     with pytest.raises(FileNotFoundError, match="BatchEntropyTrainer"):
         BatchEntropyRegularizer.read_settings(tmp_path / "nothing")
+
+
+def test_settings_use_the_config_field_names(tmp_path):
+    from hf_batch_entropy import BatchEntropyConfig
+
+    reg = BatchEntropyRegularizer(2, beta=0.3, alpha=0.7, alpha_min=0.1)
+    config = BatchEntropyConfig(output_dir=str(tmp_path), lbe_beta=0.3, lbe_alpha=0.7, lbe_alpha_min=0.1)
+    lbe_keys = {k: v for k, v in reg.settings().items() if k.startswith("lbe_")}
+    assert lbe_keys and lbe_keys.items() <= config.lbe_settings.items()
+
+
+def test_checkpoint_of_other_layers_is_a_clear_error(tmp_path):
+    BatchEntropyRegularizer(3, layer_names=["emb", "l1", "l2"]).save_pretrained(tmp_path)
+    # Same count, other layers: loading α would shuffle the targets silently.
+    with pytest.raises(ValueError, match=r"other layers(.|\n)*\['emb', 'l1', 'l2'\](.|\n)*\['act0', 'act1', 'act2'\]"):
+        BatchEntropyRegularizer(3, layer_names=["act0", "act1", "act2"]).load_state(tmp_path)
+    with pytest.raises(ValueError, match="other layers"):
+        BatchEntropyRegularizer(2, layer_names=["emb", "l1"]).load_state(tmp_path)
+
+
+def test_alpha_optimizer_is_adamw_with_a_scaled_learning_rate():
+    xs = layers()
+    reg = BatchEntropyRegularizer(3, beta=1.0, alpha=3.0, alpha_min=0.0)
+    reg.configure_optimizer(lr=0.1, betas=(0.8, 0.9), eps=1e-6)
+    twin = torch.nn.Parameter(reg.alpha.detach().clone())
+    reference = torch.optim.AdamW([twin], lr=0.1 * 0.25, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.0)
+    for _ in range(3):
+        reg(xs, torch.tensor(1.0)).loss.backward(retain_graph=True)
+        twin.grad = reg.alpha.grad.clone()
+        reg.step(lr_factor=0.25)
+        reference.step()
+        assert reg.alpha.grad is None  # cleared after every step
+    torch.testing.assert_close(reg.alpha, twin, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="configure_optimizer"):
+        BatchEntropyRegularizer(3).step()
+
+
+def test_alpha_optimizer_state_travels_with_the_files(tmp_path):
+    xs = layers()
+    reg = BatchEntropyRegularizer(3, beta=1.0, alpha=3.0, alpha_min=0.0, layer_names=["a", "b", "c"])
+    reg.configure_optimizer(lr=0.1)
+    for _ in range(2):
+        reg(xs, torch.tensor(1.0)).loss.backward(retain_graph=True)
+        reg.step()
+    reg.save_pretrained(tmp_path)
+    loaded = BatchEntropyRegularizer.from_pretrained(tmp_path)
+    assert loaded.settings() == reg.settings() and loaded.settings()["optimizer"]["lr"] == 0.1
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(loaded.optimizer.state[loaded.alpha][key], reg.optimizer.state[reg.alpha][key])
+    # The next step of the restored regularizer is the next step of the original one.
+    for r in (reg, loaded):
+        r(xs, torch.tensor(1.0)).loss.backward(retain_graph=True)
+        r.step()
+    torch.testing.assert_close(loaded.alpha, reg.alpha, rtol=0, atol=0)
+
+
+def test_non_finite_settings_are_rejected():
+    for kwargs in ({"beta": float("nan")}, {"alpha": float("inf")}, {"alpha_min": float("nan")}):
+        with pytest.raises(ValueError, match="finite"):
+            BatchEntropyRegularizer(2, **kwargs)
+
+
+def test_unchecked_regularizer_reads_nothing_on_the_host(monkeypatch):
+    reg = BatchEntropyRegularizer(3, check_finite=False)
+    xs = layers()
+    xs[1] = xs[1].detach().clone()
+    xs[1][0, 0] = float("nan")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out = reg(xs, torch.tensor(1.0))  # no error, no synchronization: the caller checks the entropies later
+    monkeypatch.undo()
+    assert torch.isnan(out.entropies[1]) and torch.isfinite(out.entropies[[0, 2]]).all()
 
 
 def test_constructor_validates():

@@ -71,9 +71,10 @@ def test_tiny_bert_trains_with_lbe_and_logs_metrics(tmp_path):
         assert h["batch_entropy_min"] <= h["batch_entropy_mean"]
         per_layer = [h[f"batch_entropy/layer_{i}"] for i in range(3)]
         assert np.mean(per_layer) == pytest.approx(h["batch_entropy_mean"], rel=1e-5)
-    # The α group exists once, without weight decay, at its own learning rate.
-    groups = [g for g in trainer.optimizer.param_groups if any(p is reg.alpha for p in g["params"])]
-    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+    # α has an AdamW of its own, without weight decay; Trainer's optimizer holds model parameters only.
+    assert not any(p is reg.alpha for g in trainer.optimizer.param_groups for p in g["params"])
+    assert isinstance(reg.optimizer, torch.optim.AdamW) and reg.optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert reg.learning_rate == 0.05
 
 
 def test_lbe_changes_the_updates(tmp_path):
@@ -111,16 +112,18 @@ def test_evaluation_loss_is_the_task_loss_and_metrics_still_work(tmp_path):
     expected = plain.evaluate()
     args = make_args(tmp_path, lbe_beta=1.0, lbe_eval_entropy=True, eval_strategy="steps", eval_steps=4)
     trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=ds, eval_dataset=ds, compute_metrics=accuracy)
-    before = trainer.evaluate()  # before training: no regularizer yet, so no entropies, same numbers as Trainer
+    before = trainer.evaluate()  # before training: the same numbers as Trainer, plus the entropies
     assert before["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
     assert before["eval_accuracy"] == expected["eval_accuracy"]
+    assert 0 < before["eval_batch_entropy_min"] <= before["eval_batch_entropy_mean"]
     trainer.train()
     metrics = trainer.evaluate()
     assert 0 < metrics["eval_batch_entropy_min"] <= metrics["eval_batch_entropy_mean"]
-    assert 0 <= metrics["eval_accuracy"] <= 1
     # The eval loss is the task loss of the trained model, computed as Trainer computes it.
-    reference = Trainer(model=trainer.model, args=make_args(tmp_path, plain=True), eval_dataset=ds)
-    assert metrics["eval_loss"] == pytest.approx(reference.evaluate()["eval_loss"], rel=1e-6)
+    reference = Trainer(model=trainer.model, args=make_args(tmp_path, plain=True), eval_dataset=ds, compute_metrics=accuracy)
+    expected = reference.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
+    assert metrics["eval_accuracy"] == expected["eval_accuracy"]
     in_training = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert in_training and "eval_batch_entropy_mean" in in_training[0]
 
@@ -146,8 +149,10 @@ def test_resume_continues_exactly(tmp_path):
     assert_same_params(params(resumed.model), params(full.model), rtol=0, atol=1e-7)
     assert losses(resumed)[-1] == pytest.approx(losses(full)[-1], abs=1e-7)
     # α's optimizer state came back too: its Adam moments equal the uninterrupted run's.
-    state = resumed.optimizer.state[resumed.regularizer.alpha]
-    torch.testing.assert_close(state["exp_avg"], full.optimizer.state[full.regularizer.alpha]["exp_avg"])
+    state = resumed.regularizer.optimizer.state[resumed.regularizer.alpha]
+    expected = full.regularizer.optimizer.state[full.regularizer.alpha]
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        torch.testing.assert_close(state[key], expected[key])
 
 
 def test_saved_model_is_an_ordinary_transformers_model(tmp_path):
@@ -188,7 +193,8 @@ def test_model_init_builds_a_fresh_regularizer_per_run(tmp_path):
     first = trainer.regularizer
     trainer.train()
     assert trainer.regularizer is not first
-    assert trainer.regularizer.alpha is next(p for g in trainer.optimizer.param_groups for p in g["params"] if p.numel() == 3)
+    assert trainer.regularizer.optimizer is not first.optimizer
+    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 4  # trained from scratch again
 
 
 def test_plain_module_is_regularized_through_hooks(tmp_path):
@@ -291,3 +297,272 @@ def test_bad_config_values_are_clear_errors(tmp_path):
         make_args(tmp_path, lbe_target_modules=[3])
     assert make_args(tmp_path, lbe_target_modules=[nn.ReLU]).to_dict()["lbe_target_modules"] == ["ReLU"]
     json.dumps(make_args(tmp_path, lbe_target_modules=[nn.ReLU]).to_dict())
+
+
+# --- drop-in: every Trainer path ----------------------------------------------------------------------------------
+
+
+def test_user_optimizer_and_scheduler_see_only_model_parameters(tmp_path):
+    model = tiny_bert()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
+    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha_learning_rate=0.1)
+    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(), optimizers=(optimizer, scheduler))
+    trainer.train()
+    assert [len(g["params"]) for g in optimizer.param_groups] == [len(list(model.parameters()))]
+    # α followed the user's schedule: its last step ran at 0.1 · 0.5³ (steps 0…3).
+    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 4
+
+
+@pytest.mark.parametrize("how", ["optim", "optimizer_cls_and_kwargs"])
+def test_other_optimizers_train_alpha_with_adamw(tmp_path, how):
+    extra = {"optim": "sgd"} if how == "optim" else {}
+    kwargs = {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 1e-2})} if how != "optim" else {}
+    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05, **extra)
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(), **kwargs)
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
+    assert isinstance(trainer.regularizer.optimizer, torch.optim.AdamW)
+    assert (trainer.regularizer.alpha.detach() < 2.0).all()
+
+
+def test_alpha_uses_the_model_optimizers_adam_implementation_and_schedule(tmp_path):
+    args = make_args(tmp_path, lbe_beta=0.5, optim="adamw_torch_fused", warmup_steps=2, adam_beta2=0.98, adam_epsilon=1e-7)
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
+    trainer.train()
+    group = trainer.regularizer.optimizer.param_groups[0]
+    assert trainer.regularizer.optimizer.defaults["fused"] is True
+    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-7
+    # Linear warm-up over 2 steps then decay to 0 at step 4: the last step (3) ran at lr · (4 − 3) / (4 − 2).
+    assert group["lr"] == pytest.approx(1e-3 * 0.5)
+
+
+def test_alpha_steps_once_per_optimizer_step_and_not_on_a_skipped_one(tmp_path, monkeypatch):
+    args = make_args(tmp_path, lbe_beta=0.5, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=4)
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
+    skipped = {2}  # the third optimizer step overflows, as an fp16 step can
+
+    class Accelerator(type(trainer.accelerator)):
+        @property
+        def optimizer_step_was_skipped(self):
+            return trainer.state.global_step in skipped
+
+    monkeypatch.setattr(trainer.accelerator, "__class__", Accelerator)
+    alphas = []
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            alphas.append(trainer.regularizer.alpha.detach().clone())
+            assert trainer.regularizer.alpha.grad is None  # cleared after each step, skipped or not
+
+    trainer.add_callback(Record())
+    trainer.train()
+    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 3
+    torch.testing.assert_close(alphas[2], alphas[1], rtol=0, atol=0)
+    assert not torch.equal(alphas[1], alphas[0]) and not torch.equal(alphas[3], alphas[2])
+
+
+def test_plain_trainer_checkpoint_continues_with_lbe(tmp_path, caplog):
+    ds = token_dataset()
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    Trainer(model=tiny_bert(), args=make_args(tmp_path / "plain", plain=True, **common), train_dataset=ds).train()
+    checkpoint = tmp_path / "plain" / "out" / "checkpoint-2"
+    args = make_args(tmp_path / "lbe", lbe_beta=0.5, lbe_alpha=0.7, lbe_alpha_learning_rate=0.0, **common)
+    trainer = BatchEntropyTrainer(model=tiny_bert(seed=5), args=args, train_dataset=ds)
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 4
+    torch.testing.assert_close(trainer.regularizer.alpha.detach(), torch.full((3,), 0.7))
+    said = [r.getMessage() for r in caplog.records if "holds no batch-entropy regularizer" in r.getMessage()]
+    assert len(said) == 1 and "lbe_alpha=0.7" in said[0]
+
+
+def test_checkpoint_of_other_layers_is_a_clear_error_on_resume(tmp_path):
+    ds = token_dataset()
+    common = dict(max_steps=2, save_strategy="steps", save_steps=2, lbe_beta=0.5)
+    BatchEntropyTrainer(model=tiny_bert(), args=make_args(tmp_path, **common), train_dataset=ds).train()
+    # Three hooked modules instead of the three hidden states: same count, other layers.
+    targets = ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"]
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=make_args(tmp_path, lbe_target_modules=targets, **common), train_dataset=ds)
+    with pytest.raises(ValueError, match=r"other layers(.|\n)*hidden_states\.0(.|\n)*bert\.embeddings"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+def test_best_model_keeps_its_own_alpha(tmp_path):
+    ds = token_dataset()
+    args = make_args(
+        tmp_path, lbe_beta=0.5, lbe_alpha_learning_rate=0.05, max_steps=6, eval_strategy="steps", eval_steps=2,
+        save_strategy="steps", save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True,  # the worst loss wins: the best checkpoint is not the last one
+    )
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=ds, eval_dataset=ds)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-6")
+    saved_best = BatchEntropyRegularizer.from_pretrained(best)
+    torch.testing.assert_close(trainer.regularizer.alpha.detach(), saved_best.alpha.detach(), rtol=0, atol=0)
+    last = BatchEntropyRegularizer.from_pretrained(tmp_path / "out" / "checkpoint-6")
+    assert not torch.equal(last.alpha, saved_best.alpha)
+    trainer.save_model()
+    final = BatchEntropyRegularizer.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(final.alpha, saved_best.alpha, rtol=0, atol=0)
+
+
+def test_evaluate_and_predict_tallies_never_mix(tmp_path):
+    args = make_args(tmp_path, lbe_eval_entropy=True, lbe_log_per_layer=True)
+    ds = token_dataset()
+    other = token_dataset(seed=7, seq_len=4)
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=ds, eval_dataset=ds)
+    alone = trainer.evaluate()
+    assert alone["eval_batch_entropy_mean"] > 0 and "eval_batch_entropy/layer_2" in alone
+    predicted = trainer.predict(other)
+    assert predicted.metrics["test_batch_entropy_mean"] != pytest.approx(alone["eval_batch_entropy_mean"])
+    for _ in range(3):
+        trainer.predict(other)
+    again = trainer.evaluate()
+    assert again["eval_batch_entropy_mean"] == pytest.approx(alone["eval_batch_entropy_mean"], rel=1e-6)
+    assert trainer.evaluate(metric_key_prefix="dev")["dev_batch_entropy_mean"] == pytest.approx(alone["eval_batch_entropy_mean"], rel=1e-6)
+
+
+def test_evaluation_batch_of_one_is_skipped_for_entropy(tmp_path):
+    ds = token_dataset(n=9)  # batches of 8 and 1
+    args = make_args(tmp_path, lbe_eval_entropy=True)
+    metrics = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=ds, eval_dataset=ds).evaluate()
+    first_batch = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=ds, eval_dataset=DictDataset(ds.rows[:8])).evaluate()
+    assert metrics["eval_batch_entropy_mean"] == pytest.approx(first_batch["eval_batch_entropy_mean"], rel=1e-6)
+    assert metrics["eval_loss"] != pytest.approx(first_batch["eval_loss"], rel=1e-9)  # the single example still counts
+
+
+def test_training_batch_of_one_trains_on_the_task_loss_with_one_warning(tmp_path, caplog):
+    ds = token_dataset(n=9)  # every epoch ends with a batch of one example
+    args = make_args(tmp_path, lbe_beta=0.5, max_steps=6, logging_steps=1)
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=ds)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert sum("single example" in r.getMessage() for r in caplog.records) == 1
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["lbe_loss"] == 0.0 for h in logged] == [False, True, False, True, False, True]
+    assert all("batch_entropy_mean" in h for i, h in enumerate(logged) if i % 2 == 0)
+
+
+def test_non_finite_lbe_settings_are_rejected_when_the_config_is_built(tmp_path):
+    for name in ("lbe_beta", "lbe_alpha", "lbe_alpha_min", "lbe_alpha_learning_rate"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                make_args(tmp_path, **{name: value})
+
+
+def test_model_without_output_hidden_states_falls_back_to_hooks(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    from conftest import tiny_bert_config
+
+    class NoHiddenStates(BertForSequenceClassification):
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    torch.manual_seed(0)
+    trainer = BatchEntropyTrainer(model=NoHiddenStates(tiny_bert_config()), args=make_args(tmp_path, lbe_beta=0.5), train_dataset=token_dataset())
+    trainer.train()
+    assert trainer._capture.source == "forward_hooks"
+    hooked = [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)] + ["bert.pooler.activation"]
+    assert trainer.regularizer.layer_names == hooked  # the activation modules, the default for hooks
+
+
+def test_tuple_returning_model_is_regularized_on_its_hidden_states(tmp_path, caplog):
+    ds = token_dataset()
+    with caplog.at_level("WARNING"):
+        tuples = BatchEntropyTrainer(model=tiny_bert(return_dict=False), args=make_args(tmp_path, lbe_beta=0.5), train_dataset=ds, eval_dataset=ds)
+        tuples.train()
+    assert not any("returned no hidden_states" in r.getMessage() for r in caplog.records)
+    assert tuples.regularizer.layer_names == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    dicts = BatchEntropyTrainer(model=tiny_bert(), args=make_args(tmp_path, lbe_beta=0.5), train_dataset=ds)
+    dicts.train()
+    assert losses(tuples) == losses(dicts)
+    assert "eval_loss" in tuples.evaluate()
+
+
+def test_data_parallel_losses_are_averaged_like_trainer(tmp_path, monkeypatch):
+    class TwoReplicaLosses(TinyMLP):
+        """What nn.DataParallel returns: one loss per replica (here both halves of the batch), outputs gathered."""
+
+        def forward(self, x, labels=None):
+            out = super().forward(x, labels)
+            half = x.shape[0] // 2
+            first = nn.functional.cross_entropy(out["logits"][:half], labels[:half])
+            second = nn.functional.cross_entropy(out["logits"][half:], labels[half:])
+            return {"loss": torch.stack([first, second]), "logits": out["logits"]}
+
+    args = make_args(tmp_path, lbe_beta=0.5)
+    monkeypatch.setattr(type(args), "n_gpu", property(lambda self: 2))  # Trainer now wraps the model in DataParallel
+    trainer = BatchEntropyTrainer(model=TwoReplicaLosses(), args=args, train_dataset=vector_dataset())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(np.isfinite(h["task_loss"]) and h["lbe_loss"] > 0 for h in logged)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "mlp"])
+def test_training_step_reads_nothing_on_the_host(tmp_path, monkeypatch, model_name):
+    """The LBE part of compute_loss adds no host synchronization: it reads no tensor value (item, tolist, bool,
+    float, int) beyond what Trainer's own compute_loss reads for the same model."""
+    reads = {"count": 0}
+
+    def counting(original):
+        def read(self, *args, **kwargs):
+            reads["count"] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    def count_reads(trainer_cls, **kwargs):
+        model, ds = (tiny_bert(), token_dataset()) if model_name == "tiny-bert" else (TinyMLP(), vector_dataset())
+        trainer = trainer_cls(model=model, train_dataset=ds, **kwargs)
+        original = trainer.compute_loss
+        per_step = []
+
+        def compute_loss(*args, **kw):
+            if not trainer.model.training or trainer.state.global_step == 0:
+                return original(*args, **kw)  # the first step chooses the layers (a probe forward): not counted
+            before = reads["count"]
+            with monkeypatch.context() as m:
+                for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+                    m.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+                out = original(*args, **kw)
+            per_step.append(reads["count"] - before)
+            return out
+
+        trainer.compute_loss = compute_loss
+        trainer.train()
+        return per_step
+
+    plain = count_reads(Trainer, args=make_args(tmp_path, plain=True))
+    ours = count_reads(BatchEntropyTrainer, args=make_args(tmp_path, lbe_beta=0.5, lbe_sync_entropy=True))
+    assert len(ours) == len(plain) == 3
+    assert ours == plain
+    if model_name == "mlp":
+        assert ours == [0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+def test_cuda_training_step_never_synchronizes(tmp_path):
+    """Under `torch.cuda.set_sync_debug_mode("error")` any host-device synchronization inside the LBE part of a CUDA
+    training step raises. The first step (the probe that chooses the layers) and Trainer's own loop are outside."""
+    args = make_args(tmp_path, lbe_beta=0.5, use_cpu=False, max_steps=3, logging_steps=10)
+    trainer = BatchEntropyTrainer(model=TinyMLP(), args=args, train_dataset=vector_dataset())
+    original = trainer.compute_loss
+    checked = []
+
+    def compute_loss(*a, **kw):
+        if trainer.state.global_step == 0:
+            return original(*a, **kw)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(*a, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(trainer.state.global_step)
+
+    trainer.compute_loss = compute_loss
+    trainer.train()
+    assert checked == [1, 2]

@@ -22,15 +22,15 @@ fp16: 7e-6). Pass `threshold=` / `--threshold` to choose another one.
 
 From Python:
 
-    >>> from hf_batch_entropy.diagnose import diagnose
+    >>> from hf_batch_entropy import diagnose
     >>> report = diagnose(VanillaMLPConfig(depth=500, width=64))    # a config, a model, or a Hub name / local path
     >>> report.flagged[:3], report.suggested_settings
     >>> print(report)
 
 From the command line:
 
-    python -m hf_batch_entropy.diagnose --vanilla mlp --depth 500 --width 64
-    python -m hf_batch_entropy.diagnose bert-base-uncased             # Hub name (or a local folder)
+    python -m hf_batch_entropy.diagnosis --vanilla mlp --depth 500 --width 64
+    python -m hf_batch_entropy.diagnosis bert-base-uncased             # Hub name (or a local folder)
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import ForwardHookCapture, HiddenStatesCapture, resolve_target_modules
+from .capture import select_capture
 from .denormals import flush_denormals
 from .entropy import batch_entropies
 
@@ -381,7 +380,7 @@ def diagnose(
     Returns:
         A [`Diagnosis`]: `entropies` `(L,)`, `flagged` layer indices, `suggested_settings`; `print()` it for a table.
     """
-    from transformers import PreTrainedConfig, PreTrainedModel
+    from transformers import PreTrainedConfig
 
     name = ""
     if isinstance(model_or_name_or_config, nn.Module):
@@ -415,23 +414,19 @@ def diagnose(
     if not batches:
         raise ValueError("diagnose() got no batches.")
 
-    use_hidden_states = target_modules is None and isinstance(model, PreTrainedModel)
-    capture: HiddenStatesCapture | ForwardHookCapture = HiddenStatesCapture()
     was_training = model.training
     # Eval mode: the diagnosis is about the function the network computes; dropout noise would fake entropy.
     model.eval()
+    capture = None
     sums: torch.Tensor | None = None
-    names: list[str] = []
-    size = 0
     try:
         for i, batch in enumerate(batches):
-            activations, names = _run(model, batch, capture, device) if use_hidden_states else ([], [])
-            if not activations:
-                if isinstance(capture, HiddenStatesCapture):
-                    capture = ForwardHookCapture(resolve_target_modules(model, target_modules))
-                activations, names = _run(model, batch, capture, device)
-            if not activations:
-                raise ValueError("No activations were captured: check target_modules.")
+            if capture is None:
+                capture, activations, names = select_capture(
+                    model, target_modules, lambda c, batch=batch: _run(model, batch, c, device)
+                )
+            else:
+                activations, _ = _run(model, batch, capture, device)
             size = activations[0].shape[0]
             if threshold is None:
                 threshold = default_threshold(activations[0].dtype)
@@ -440,7 +435,8 @@ def diagnose(
                 raise ValueError(f"Batch {i} gave {len(h)} layers, the first gave {len(sums)}.")
             sums = h if sums is None else sums + h
     finally:
-        capture.remove()
+        if capture is not None:
+            capture.remove()
         model.train(was_training)
     entropies = sums / len(batches)
     # NaN (e.g. an overflowed layer) is not healthy either.
@@ -461,12 +457,11 @@ def diagnose(
 
 
 def _run(model: nn.Module, batch, capture, device) -> tuple[list[torch.Tensor], list[str]]:
+    """One forward of `batch` (a dict of inputs, or a tensor passed positionally) with `capture`."""
     with capture.capturing():
         if isinstance(batch, torch.Tensor):
-            if isinstance(capture, HiddenStatesCapture):
-                outputs = model(batch.to(device), output_hidden_states=True)
-            else:
-                outputs = model(batch.to(device))
+            extra = capture.prepare_inputs({})
+            outputs = model(batch.to(device), **extra)
         else:
             inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in dict(batch).items()}
             inputs.pop("labels", None)
@@ -486,12 +481,12 @@ def _config_summary(config) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hf_batch_entropy.diagnose",
+        prog="python -m hf_batch_entropy.diagnosis",
         description="Trainability diagnosis: per-layer batch-entropy at initialization, and the layers where it is ~0 "
         "(information flow broken; Peer et al., TMLR 2022), with suggested LBE settings.",
-        epilog="Examples:\n  python -m hf_batch_entropy.diagnose --vanilla mlp --depth 500 --width 64\n"
-        "  python -m hf_batch_entropy.diagnose bert-base-uncased\n"
-        "  python -m hf_batch_entropy.diagnose ./my_model --pretrained",
+        epilog="Examples:\n  python -m hf_batch_entropy.diagnosis --vanilla mlp --depth 500 --width 64\n"
+        "  python -m hf_batch_entropy.diagnosis bert-base-uncased\n"
+        "  python -m hf_batch_entropy.diagnosis ./my_model --pretrained",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("model", nargs="?", help="Hub model name or local folder (omit with --vanilla).")
@@ -558,18 +553,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(report.format(max_rows=args.max_rows or None))
     return 0 if report.trainable else 1
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule binds `hf_batch_entropy.diagnose` to the module, shadowing the package's export of the
-    function of the same name; calling the module calls the function, so `hf_batch_entropy.diagnose(...)` works
-    whichever was bound first."""
-
-    def __call__(self, *args, **kwargs) -> Diagnosis:
-        return diagnose(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

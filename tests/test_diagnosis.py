@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hf_batch_entropy import batch_entropy
-from hf_batch_entropy.diagnose import DEFAULT_THRESHOLD, Diagnosis, diagnose, digits_batches, main, text_batches
+from hf_batch_entropy.diagnosis import DEFAULT_THRESHOLD, Diagnosis, diagnose, digits_batches, main, text_batches
 from hf_batch_entropy.models import VanillaCNNConfig, VanillaMLPConfig, VanillaMLPForImageClassification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,14 +76,13 @@ def test_cnn_config_and_threshold():
     assert strict.flagged == [0, 1, 2, 3]
 
 
-def test_package_level_name_is_callable_whichever_import_came_first():
+def test_package_exports_the_function_and_the_module_has_another_name():
     import hf_batch_entropy
-    import hf_batch_entropy.diagnose as module
+    import hf_batch_entropy.diagnosis as module
 
-    # After `import hf_batch_entropy.diagnose` the package attribute may be the submodule: it must still be callable.
-    for target in (hf_batch_entropy.diagnose, module):
-        report = target(VanillaMLPConfig(depth=2, width=4), num_batches=1, batch_size=8)
-        assert isinstance(report, Diagnosis) and len(report.entropies) == 2
+    assert hf_batch_entropy.diagnose is module.diagnose
+    report = hf_batch_entropy.diagnose(VanillaMLPConfig(depth=2, width=4), num_batches=1, batch_size=8)
+    assert isinstance(report, Diagnosis) and len(report.entropies) == 2
 
 
 def test_bad_inputs():
@@ -147,7 +146,7 @@ def test_cli_exit_status_and_json(capsys):
 
 def test_cli_module_entry_point(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "hf_batch_entropy.diagnose", "--vanilla", "cnn", "--depth", "40", "--width", "4",
+        [sys.executable, "-m", "hf_batch_entropy.diagnosis", "--vanilla", "cnn", "--depth", "40", "--width", "4",
          "--num_batches", "1", "--batch_size", "16"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)},
