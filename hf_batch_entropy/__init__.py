@@ -4,8 +4,9 @@ Peer, Keulen, Stabinger, Piater and Rodríguez-Sánchez, "Improving the Trainabi
 Layerwise Batch-Entropy Regularization", TMLR 2022.
 """
 
-from .config import BatchEntropyConfig
+from .config import BatchEntropyArguments, BatchEntropyConfig, BatchEntropySeq2SeqConfig, batch_entropy_config
 from .entropy import batch_entropies, batch_entropy
+from .glue import bundled_minilm_path, load_glue_files
 from .metrics import load_glue_metric
 from .models import (
     VanillaCNNConfig,
@@ -14,13 +15,17 @@ from .models import (
     VanillaMLPForImageClassification,
 )
 from .regularizer import BatchEntropyRegularizer, LBEOutput
-from .trainer import BatchEntropyTrainer
+from .trainer import BatchEntropyMixin, BatchEntropySeq2SeqTrainer, BatchEntropyTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchEntropyArguments",
     "BatchEntropyConfig",
+    "BatchEntropyMixin",
     "BatchEntropyRegularizer",
+    "BatchEntropySeq2SeqConfig",
+    "BatchEntropySeq2SeqTrainer",
     "BatchEntropyTrainer",
     "LBEOutput",
     "VanillaCNNConfig",
@@ -29,7 +34,10 @@ __all__ = [
     "VanillaMLPForImageClassification",
     "batch_entropies",
     "batch_entropy",
+    "batch_entropy_config",
+    "bundled_minilm_path",
     "diagnose",
+    "load_glue_files",
     "load_glue_metric",
 ]
 

@@ -36,6 +36,7 @@ __all__ = [
     "HiddenStatesCapture",
     "accepts_hidden_states",
     "default_target_modules",
+    "padding_masks",
     "resolve_target_modules",
     "select_capture",
 ]
@@ -113,10 +114,15 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 
 def accepts_hidden_states(model: nn.Module) -> bool:
-    """Whether `model` is a Transformers model whose `forward` takes `output_hidden_states` (by name or `**kwargs`)."""
+    """Whether `model` is a Transformers model whose `forward` takes `output_hidden_states` (by name or `**kwargs`).
+
+    A PEFT model counts as its base model: its `forward` hands the keyword arguments on to it."""
     from transformers import PreTrainedModel
 
-    return isinstance(model, PreTrainedModel) and _accepts(model, "output_hidden_states")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, PreTrainedModel) and _accepts(model, "output_hidden_states") and (
+        base is model or _accepts(base, "output_hidden_states")
+    )
 
 
 class HiddenStatesCapture:
@@ -294,3 +300,28 @@ def select_capture(
 
 def _describe(names: Sequence[str]) -> str:
     return f"{len(names)} layers: {', '.join(names[:8])}{' ... ' + names[-1] if len(names) > 8 else ''}"
+
+
+def padding_masks(
+    inputs: dict[str, Any], activations: Sequence[torch.Tensor], names: Sequence[str]
+) -> list[torch.Tensor | None]:
+    """The padding mask `(B, T)` of each activation, or `None` where it has none (see `batch_entropies`).
+
+    An encoder-decoder's decoder activations (`decoder_hidden_states.*`, or hooked modules under a `decoder*` module)
+    take `decoder_attention_mask`, or else `labels != -100` (the decoder inputs are the labels shifted right, so these
+    are its real positions); every other activation takes `attention_mask` (left or right padding alike). A mask
+    applies only where the activation's leading dimensions are the mask's: activations of other shapes (images, pooled
+    outputs) have none.
+    """
+    encoder = inputs.get("attention_mask")
+    decoder = inputs.get("decoder_attention_mask")
+    labels = inputs.get("labels")
+    if decoder is None and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        decoder = labels != -100
+    masks = []
+    for x, name in zip(activations, names):
+        in_decoder = name.startswith("decoder_") or any(part.startswith("decoder") for part in name.split(".")[:-1])
+        mask = decoder if in_decoder else encoder
+        fits = isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(x.shape[:2]) == tuple(mask.shape)
+        masks.append(mask if fits else None)
+    return masks

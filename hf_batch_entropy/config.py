@@ -1,33 +1,51 @@
 """`BatchEntropyConfig`: `transformers.TrainingArguments` plus the `lbe_*` settings of LBE.
 
-Every field has a `help` text, so `HfArgumentParser(BatchEntropyConfig)` gives each one a documented command-line flag,
-exactly like the `TrainingArguments` flags it extends.
+The `lbe_*` fields live in a dataclass mixin, `BatchEntropyArguments`, so that any `TrainingArguments` subclass gets
+them the same way: `BatchEntropyConfig` (`TrainingArguments`), `BatchEntropySeq2SeqConfig`
+(`Seq2SeqTrainingArguments`), or your own, e.g. TRL's `SFTConfig`:
+
+    @dataclass
+    class SFTWithLBEConfig(BatchEntropyArguments, SFTConfig):
+        pass
+
+(`batch_entropy_config(SFTConfig)` builds that class for you). Every field has a `help` text, so
+`HfArgumentParser(BatchEntropyConfig)` gives each one a documented command-line flag, exactly like the
+`TrainingArguments` flags it extends.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
 
 from torch import nn
-from transformers import TrainingArguments
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-__all__ = ["BatchEntropyConfig"]
+__all__ = ["BatchEntropyArguments", "BatchEntropyConfig", "BatchEntropySeq2SeqConfig", "batch_entropy_config"]
 
 REGEX_PREFIX = "re:"
 
 
 @dataclass
-class BatchEntropyConfig(TrainingArguments):
+class BatchEntropyArguments:
     r"""
-    Training arguments for [`BatchEntropyTrainer`]: all of `TrainingArguments`, plus layerwise batch-entropy
-    regularization (LBE, Peer et al., TMLR 2022).
+    The `lbe_*` settings of layerwise batch-entropy regularization (LBE, Peer et al., TMLR 2022), a mixin for a
+    `TrainingArguments` class: list it first among the bases (`class C(BatchEntropyArguments, TrainingArguments)`).
 
     For each regularized layer `l` with batch-entropy `H_l` and learnable target `α_l`:
 
         lbe_l = (H_l − max(lbe_alpha_min, |α_l|))²
         L     = L_task + lbe_beta · mean_l(lbe_l) · L_task
+
+    The fields, by concern:
+
+    > What the term does: `lbe_beta`, `lbe_alpha`, `lbe_alpha_min`, `lbe_alpha_learning_rate`.
+    > Which activations: `lbe_target_modules`, `lbe_ignore_padding`.
+    > How it is computed: `lbe_sync_entropy`, `lbe_fused`.
+    > What is reported: `lbe_log_per_layer`, `lbe_eval_entropy`.
 
     The defaults are those of the paper's reference implementation (β = α₀ = α_min = 0.5), tuned for training deep
     networks from scratch. For fine-tuning pretrained transformers the paper searched β ∈ {0.005, 0.01, 0.05} and
@@ -74,6 +92,16 @@ class BatchEntropyConfig(TrainingArguments):
             "outputs of its activation modules (nn.ReLU, nn.GELU, ...), else of every Linear/Conv layer."
         },
     )
+    lbe_ignore_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "Leave padding out of the batch-entropy of token-level activations: with an `attention_mask` in "
+            "the batch (and `decoder_attention_mask`, or labels other than -100, for decoder states), each unit's "
+            "variance at a position is taken over the examples that have a real token there, and positions with "
+            "fewer than two real tokens are left out. False takes every position, padding included, as the paper's "
+            "code does."
+        },
+    )
     lbe_sync_entropy: bool = field(
         default=False,
         metadata={
@@ -104,33 +132,7 @@ class BatchEntropyConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("lbe_beta", "lbe_alpha", "lbe_alpha_min", "lbe_alpha_learning_rate"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}.")
-        if self.lbe_beta < 0:
-            raise ValueError(f"lbe_beta must be >= 0 (0 turns LBE off), got {self.lbe_beta}.")
-        if self.lbe_alpha_min < 0:
-            raise ValueError(f"lbe_alpha_min must be >= 0, got {self.lbe_alpha_min}.")
-        if self.lbe_alpha_learning_rate is not None and self.lbe_alpha_learning_rate < 0:
-            raise ValueError(f"lbe_alpha_learning_rate must be >= 0, got {self.lbe_alpha_learning_rate}.")
-        targets = self.lbe_target_modules
-        if isinstance(targets, str):
-            _compile_regex(targets)
-        elif targets is not None:
-            if isinstance(targets, type):
-                targets = [targets]
-            self.lbe_target_modules = list(targets)
-            if not self.lbe_target_modules:
-                raise ValueError("lbe_target_modules is an empty list: give module names, a regex, or None.")
-            for target in self.lbe_target_modules:
-                if isinstance(target, str):
-                    if target.startswith(REGEX_PREFIX):
-                        _compile_regex(target[len(REGEX_PREFIX) :])
-                elif not (isinstance(target, type) and issubclass(target, nn.Module)):
-                    raise TypeError(
-                        f"lbe_target_modules entries must be module names (str) or nn.Module classes, got {target!r}."
-                    )
+        _validate_lbe_settings(self)
 
     def to_dict(self):
         # Module classes are not JSON-serializable; keep their names so that logging integrations can show them.
@@ -144,6 +146,84 @@ class BatchEntropyConfig(TrainingArguments):
     def lbe_settings(self) -> dict:
         """Every `lbe_*` field as a JSON-able dict (the model card's; the regularizer's files use the same keys)."""
         return {name: value for name, value in self.to_dict().items() if name.startswith("lbe_")}
+
+
+@dataclass
+class BatchEntropyConfig(BatchEntropyArguments, TrainingArguments):
+    """Training arguments for [`BatchEntropyTrainer`]: all of `TrainingArguments`, plus the `lbe_*` settings of
+    [`BatchEntropyArguments`] (layerwise batch-entropy regularization)."""
+
+
+@dataclass
+class BatchEntropySeq2SeqConfig(BatchEntropyArguments, Seq2SeqTrainingArguments):
+    """Training arguments for [`BatchEntropySeq2SeqTrainer`]: all of `Seq2SeqTrainingArguments` (generation included),
+    plus the `lbe_*` settings of [`BatchEntropyArguments`]."""
+
+
+_KNOWN = {TrainingArguments: BatchEntropyConfig, Seq2SeqTrainingArguments: BatchEntropySeq2SeqConfig}
+
+
+@functools.cache
+def batch_entropy_config(base: type) -> type:
+    """The `TrainingArguments` subclass `base` plus the `lbe_*` fields: `BatchEntropyConfig` for `TrainingArguments`,
+    `BatchEntropySeq2SeqConfig` for `Seq2SeqTrainingArguments`, else a new dataclass `<base>WithBatchEntropy`
+    (e.g. for TRL's `SFTConfig`). Always the same class for the same `base`."""
+    if issubclass(base, BatchEntropyArguments):
+        return base
+    if base in _KNOWN:
+        return _KNOWN[base]
+    if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
+        raise TypeError(f"batch_entropy_config needs a TrainingArguments subclass, got {base!r}.")
+    namespace = {"__doc__": base.__doc__, "__reduce__": lambda self: (_rebuild, (base, self.__dict__.copy()))}
+    return dataclass(type(f"{base.__name__}WithBatchEntropy", (BatchEntropyArguments, base), namespace))
+
+
+def _rebuild(base: type, state: dict) -> BatchEntropyArguments:
+    # Unpickling (Trainer saves the arguments with every checkpoint): the class is made again from its base, which
+    # pickle finds by name, unlike the made class.
+    args = object.__new__(batch_entropy_config(base))
+    args.__dict__.update(state)
+    return args
+
+
+def with_batch_entropy_fields(args: TrainingArguments) -> BatchEntropyArguments:
+    """`args` itself when it has the `lbe_*` fields, else the same values in `batch_entropy_config(type(args))` with
+    the default `lbe_*` settings."""
+    if isinstance(args, BatchEntropyArguments):
+        return args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    return batch_entropy_config(type(args))(**values)
+
+
+def _validate_lbe_settings(args: BatchEntropyArguments) -> None:
+    """Reject `lbe_*` values that cannot work, naming the field and the fix; normalize `lbe_target_modules`."""
+    for name in ("lbe_beta", "lbe_alpha", "lbe_alpha_min", "lbe_alpha_learning_rate"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}.")
+    if args.lbe_beta < 0:
+        raise ValueError(f"lbe_beta must be >= 0 (0 turns LBE off), got {args.lbe_beta}.")
+    if args.lbe_alpha_min < 0:
+        raise ValueError(f"lbe_alpha_min must be >= 0, got {args.lbe_alpha_min}.")
+    if args.lbe_alpha_learning_rate is not None and args.lbe_alpha_learning_rate < 0:
+        raise ValueError(f"lbe_alpha_learning_rate must be >= 0, got {args.lbe_alpha_learning_rate}.")
+    targets = args.lbe_target_modules
+    if isinstance(targets, str):
+        _compile_regex(targets)
+    elif targets is not None:
+        if isinstance(targets, type):
+            targets = [targets]
+        args.lbe_target_modules = list(targets)
+        if not args.lbe_target_modules:
+            raise ValueError("lbe_target_modules is an empty list: give module names, a regex, or None.")
+        for target in args.lbe_target_modules:
+            if isinstance(target, str):
+                if target.startswith(REGEX_PREFIX):
+                    _compile_regex(target[len(REGEX_PREFIX) :])
+            elif not (isinstance(target, type) and issubclass(target, nn.Module)):
+                raise TypeError(
+                    f"lbe_target_modules entries must be module names (str) or nn.Module classes, got {target!r}."
+                )
 
 
 def _compile_regex(pattern: str) -> re.Pattern:

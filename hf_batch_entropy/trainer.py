@@ -1,5 +1,11 @@
 """`BatchEntropyTrainer`: `transformers.Trainer` with layerwise batch-entropy regularization.
 
+The glue lives in a mixin, `BatchEntropyMixin`, which gives LBE to any `Trainer` subclass: `BatchEntropyTrainer`
+(`Trainer`), `BatchEntropySeq2SeqTrainer` (`Seq2SeqTrainer`), or your own, e.g. TRL's `SFTTrainer`:
+
+    class SFTWithLBETrainer(BatchEntropyMixin, SFTTrainer):
+        pass
+
 It only glues the pieces into `Trainer`'s hooks:
 
 - `compute_loss`: the task loss as `Trainer` computes it (label smoothing, `compute_loss_func`, `num_items_in_batch`
@@ -19,24 +25,23 @@ It only glues the pieces into `Trainer`'s hooks:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Seq2SeqTrainer, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .capture import select_capture
-from .config import BatchEntropyConfig
+from .capture import padding_masks, select_capture
+from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields
 from .entropy import batch_entropies
 from .modelcard import MODEL_TAG, SECTION_TITLE, model_card_section
 from .regularizer import REGULARIZER_CONFIG_NAME, BatchEntropyRegularizer, raise_if_nonfinite
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["BatchEntropyTrainer"]
+__all__ = ["BatchEntropyMixin", "BatchEntropySeq2SeqTrainer", "BatchEntropyTrainer"]
 
 # Metrics summed per logging window that are per optimizer step, like Trainer's "loss"; the others are per measured
 # forward pass (`measured` counts those).
@@ -46,7 +51,7 @@ _PER_STEP = ("task_loss", "lbe_loss")
 class _AlphaStep(TrainerCallback):
     """Steps the regularizer's optimizer right after each optimizer step of `Trainer`, before the scheduler moves."""
 
-    def __init__(self, trainer: BatchEntropyTrainer):
+    def __init__(self, trainer: BatchEntropyMixin):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -56,29 +61,35 @@ class _AlphaStep(TrainerCallback):
         self.trainer._step_alpha()
 
 
-class BatchEntropyTrainer(Trainer):
-    """A `transformers.Trainer` that adds layerwise batch-entropy regularization (LBE) to the training loss.
+class BatchEntropyMixin:
+    """Adds layerwise batch-entropy regularization (LBE) to the training loss of the `Trainer` subclass it is mixed
+    into (list it first: `class T(BatchEntropyMixin, SomeTrainer)`).
 
-    Same constructor and behaviour as `Trainer`; `args` is a `BatchEntropyConfig` (a `TrainingArguments` is accepted and
-    upgraded with the default `lbe_*` settings). With `lbe_beta=0` the losses and updates are exactly `Trainer`'s.
+    Same constructor and behaviour as that trainer; `args` carries the `lbe_*` fields (`BatchEntropyConfig`,
+    `BatchEntropySeq2SeqConfig`, or `batch_entropy_config(YourArgs)`); arguments without them are upgraded with the
+    default `lbe_*` settings. With `lbe_beta=0` the losses and updates are exactly the base trainer's.
 
     Attributes:
         regularizer: the `BatchEntropyRegularizer` (its `alpha` has one entry per regularized layer, its `optimizer`
             trains them). Built at the first training step; `None` before.
     """
 
+    _default_args_class: type | None = None  # what `args=None` becomes; None: the base trainer's default, upgraded
+
     def __init__(self, model=None, args: TrainingArguments | None = None, *pos_args, **kwargs):
-        if args is None:
-            args = BatchEntropyConfig(output_dir="trainer_output")
-        elif not isinstance(args, BatchEntropyConfig):
-            args = BatchEntropyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+        if args is None and self._default_args_class is not None:
+            args = self._default_args_class(output_dir="trainer_output")
+        elif args is not None:
+            args = with_batch_entropy_fields(args)
         super().__init__(model, args, *pos_args, **kwargs)
+        if not hasattr(self.args, "lbe_beta"):
+            self.args = with_batch_entropy_fields(self.args)
         self.regularizer: BatchEntropyRegularizer | None = None
         self._capture = None
         self._layer_names: list[str] = []
         self._resume_from: str | None = None
         self._step_lbe = None  # the LBEOutput of the micro-step in flight, from compute_loss to training_step
-        self._metrics: dict[str, dict[str, torch.Tensor]] = {}
+        self._lbe_metrics: dict[str, dict[str, torch.Tensor]] = {}  # mode → name → sum on the device
         self._window_start: dict[str, int] = {}
         self._warned_batch_of_one = False
         self.add_callback(_AlphaStep(self))
@@ -116,7 +127,7 @@ class BatchEntropyTrainer(Trainer):
         if self._capture is not None:
             self._capture.remove()
         self._capture, self._layer_names, self.regularizer = None, [], None
-        self._metrics, self._window_start = {}, {}
+        self._lbe_metrics, self._window_start = {}, {}
 
     def _select_capture(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
         """Decide, once, where the regularized activations come from, with a no-grad forward of this batch."""
@@ -209,22 +220,25 @@ class BatchEntropyTrainer(Trainer):
             loss, outputs = super().compute_loss(
                 model, self._capture.prepare_inputs(inputs), return_outputs=True, num_items_in_batch=num_items_in_batch
             )
-        activations, _ = self._capture.collect(outputs)
+        activations, names = self._capture.collect(outputs)
         outputs = self._capture.restore(outputs, keep_hidden_states=user_wants_hidden_states)
+        masks = padding_masks(inputs, activations, names) if self.args.lbe_ignore_padding else None
         if loss.dim() > 0:
             loss = loss.mean()  # nn.DataParallel: one loss per replica, averaged as Trainer's training_step does
         measurable = activations[0].shape[0] >= 2 or (self.args.lbe_sync_entropy and self.args.world_size > 1)
         if training:
-            loss = self._regularize(activations, loss) if measurable else self._skip_batch_of_one(loss)
+            loss = self._regularize(activations, loss, masks) if measurable else self._skip_batch_of_one(loss)
         elif measurable:  # a batch of one example (the last of an evaluation set) has no batch-entropy
             with torch.no_grad():
-                entropies = batch_entropies(activations, fused=self.args.lbe_fused, sync=self.args.lbe_sync_entropy)
+                entropies = batch_entropies(
+                    activations, fused=self.args.lbe_fused, sync=self.args.lbe_sync_entropy, masks=masks
+                )
             self._tally("eval", entropies)
         return (loss, outputs) if return_outputs else loss
 
-    def _regularize(self, activations: list[torch.Tensor], task_loss: torch.Tensor) -> torch.Tensor:
+    def _regularize(self, activations: list[torch.Tensor], task_loss: torch.Tensor, masks) -> torch.Tensor:
         regularizer = self.regularizer if self.regularizer is not None else self._build_regularizer()
-        lbe = regularizer(activations, task_loss)
+        lbe = regularizer(activations, task_loss, masks)
         self._step_lbe = lbe
         self._tally("train", lbe.entropies, lbe_alpha_mean=lbe.targets.mean())
         return lbe.loss
@@ -252,9 +266,9 @@ class BatchEntropyTrainer(Trainer):
 
     def _add(self, mode: str, **values: torch.Tensor) -> None:
         """Add named values to this mode's tally (sums on the device, nothing read on the host)."""
-        tally = self._metrics.get(mode)
+        tally = self._lbe_metrics.get(mode)
         if tally is None:
-            tally = self._metrics[mode] = {}
+            tally = self._lbe_metrics[mode] = {}
             self._window_start[mode] = self.state.global_step
         for name, value in values.items():
             value = value.detach().float()
@@ -278,7 +292,7 @@ class BatchEntropyTrainer(Trainer):
         Returns the means: entropy metrics per measured forward pass, `_PER_STEP` ones per process (divide by the
         window's optimizer steps), `batch_entropy_per_layer` as a list. Empty when nothing was tallied.
         """
-        tally = self._metrics.pop(mode, None)
+        tally = self._lbe_metrics.pop(mode, None)
         if not tally:
             return {}
         names = list(tally)
@@ -321,7 +335,7 @@ class BatchEntropyTrainer(Trainer):
                         metric_key_prefix: str = "eval"):
         """`Trainer.evaluation_loop`, plus the batch-entropies of this call (`lbe_eval_entropy`) in its metrics as
         `<metric_key_prefix>_batch_entropy_mean/min`. Each `evaluate()` / `predict()` call has a tally of its own."""
-        self._metrics.pop("eval", None)
+        self._lbe_metrics.pop("eval", None)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(self._entropy_logs(self._flush("eval"), prefix=f"{metric_key_prefix}_"))
         return output
@@ -367,3 +381,21 @@ class BatchEntropyTrainer(Trainer):
             )
             with open(path, "w", encoding="utf-8") as f:
                 f.write(card.rstrip("\n") + "\n" + section)
+
+
+class BatchEntropyTrainer(BatchEntropyMixin, Trainer):
+    """A `transformers.Trainer` that adds layerwise batch-entropy regularization (LBE) to the training loss.
+
+    Same constructor and behaviour as `Trainer`; `args` is a `BatchEntropyConfig` (a `TrainingArguments` is accepted
+    and upgraded with the default `lbe_*` settings). With `lbe_beta=0` the losses and updates are exactly `Trainer`'s.
+    See `BatchEntropyMixin`.
+    """
+
+    _default_args_class = BatchEntropyConfig
+
+
+class BatchEntropySeq2SeqTrainer(BatchEntropyMixin, Seq2SeqTrainer):
+    """A `transformers.Seq2SeqTrainer` (`predict_with_generate` and all) with LBE on the encoder's and the decoder's
+    hidden states; `args` is a `BatchEntropySeq2SeqConfig`. See `BatchEntropyMixin`."""
+
+    _default_args_class = BatchEntropySeq2SeqConfig

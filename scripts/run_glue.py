@@ -67,9 +67,9 @@ from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
 from hf_batch_entropy.glue import (
     GLUE_TASKS,
     LabelSpec,
-    default_model_path,
+    bundled_minilm_path,
     get_glue_task,
-    load_data_files,
+    load_glue_files,
     load_glue_from_hub,
 )
 from hf_batch_entropy.metrics import load_glue_metric
@@ -278,7 +278,7 @@ def load_raw_datasets(
             raise ValueError("Nothing to do: pass at least one of --do_train, --do_eval, --do_predict.")
         for split, path in files.items():
             logger.info(f"Loading {split} data from {path}")
-        return load_data_files(files, data_args.task_name)
+        return load_glue_files(files, data_args.task_name)
     logger.info(f"Loading GLUE {data_args.task_name} from the Hub")
     return load_glue_from_hub(data_args.task_name, cache_dir=model_args.cache_dir, token=model_args.token)
 
@@ -321,7 +321,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, float]:
         logger.info("average_tokens_across_devices turned off: sequence classification has no tokens to average.")
 
     if model_args.model_name_or_path is None:
-        model_args.model_name_or_path = default_model_path()
+        model_args.model_name_or_path = bundled_minilm_path()
         logger.info(f"No --model_name_or_path: using MiniLM-L6 from {model_args.model_name_or_path}")
 
     # Resuming: an explicit --resume_from_checkpoint (a folder, or `last` for the newest checkpoint in output_dir).
@@ -522,7 +522,7 @@ def _hub_id(model_name_or_path: str) -> str:
     a site-packages path.
     """
     try:
-        if os.path.samefile(model_name_or_path, default_model_path()):
+        if os.path.samefile(model_name_or_path, bundled_minilm_path()):
             return MINILM_HUB_ID
     except (ImportError, OSError):
         pass

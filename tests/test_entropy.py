@@ -88,3 +88,119 @@ def test_mismatched_batch_sizes_and_empty_input_are_errors():
         batch_entropies([torch.randn(4, 3), torch.randn(6, 3)])
     with pytest.raises(ValueError, match="no activations"):
         batch_entropies([])
+
+
+# --- padding ------------------------------------------------------------------------------------------------------
+
+
+def masked_reference(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """The masked formula, by hand: per position t the examples with a real token there; positions with < 2 left out."""
+    x, mask = x.double(), mask.bool()
+    values = []
+    for t in range(x.shape[1]):
+        if int(mask[:, t].sum()) < 2:
+            continue
+        rows = x[mask[:, t], t].reshape(int(mask[:, t].sum()), -1)
+        for u in range(rows.shape[1]):
+            col = rows[:, u].tolist()
+            mean = sum(col) / len(col)
+            var = sum((v - mean) ** 2 for v in col) / (len(col) - 1)
+            values.append(0.5 * math.log(math.pi * math.e * var + 1))
+    return sum(values) / len(values)
+
+
+def _ragged(seed: int = 0):
+    """4 sequences (lengths 8, 6, 3, 1) of 5 units, right-padded to 10 with garbage, and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 10, 5, generator=g) * torch.linspace(0.2, 3.0, 5)
+    lengths = [8, 6, 3, 1]
+    mask = torch.zeros(4, 10, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    x = torch.where(mask.bool()[..., None], x, torch.full_like(x, 1e3))  # padding: large, constant values
+    return x, mask
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_masked_estimator_matches_the_formula(fused):
+    x, mask = _ragged()
+    assert batch_entropy(x, mask).item() == pytest.approx(masked_reference(x, mask), rel=1e-6)
+    h = batch_entropies([x, x * 0.5, x[:, :, :3]], fused=fused, masks=[mask, mask, mask])
+    for value, layer in zip(h.tolist(), [x, x * 0.5, x[:, :, :3]]):
+        assert value == pytest.approx(masked_reference(layer, mask), rel=1e-5)
+
+
+def _pad(x: torch.Tensor, to: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    b, t, d = x.shape
+    garbage = torch.randn(b, to - t, d, generator=torch.Generator().manual_seed(1)) * 50
+    ones, zeros = torch.ones(b, t, dtype=torch.long), torch.zeros(b, to - t, dtype=torch.long)
+    if side == "right":
+        return torch.cat([x, garbage], 1), torch.cat([ones, zeros], 1)
+    return torch.cat([garbage, x], 1), torch.cat([zeros, ones], 1)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_padding_does_not_change_the_entropies_or_the_lbe_loss(side, fused):
+    from hf_batch_entropy import BatchEntropyRegularizer
+
+    torch.manual_seed(0)
+    layers = [(torch.randn(4, 8, 6) * (i + 1) * 0.4).requires_grad_() for i in range(3)]
+    padded = [_pad(x.detach(), 16, side) for x in layers]
+    padded_layers = [p.requires_grad_() for p, _ in padded]
+    masks = [m for _, m in padded]
+    reg = BatchEntropyRegularizer(3, beta=0.5, alpha=1.0, alpha_min=0.2, fused=fused)
+    task = torch.tensor(1.3)
+    plain, masked = reg(layers, task), reg(padded_layers, task, masks)
+    torch.testing.assert_close(masked.entropies, plain.entropies, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked.lbe_loss, plain.lbe_loss, atol=1e-5, rtol=1e-5)
+    # The gradients reach the real tokens as without padding, and never the padding.
+    plain.loss.backward()
+    masked.loss.backward()
+    real = slice(0, 8) if side == "right" else slice(8, 16)
+    pad = slice(8, 16) if side == "right" else slice(0, 8)
+    for x, p in zip(layers, padded_layers):
+        torch.testing.assert_close(p.grad[:, real], x.grad, atol=1e-6, rtol=1e-4)
+        assert (p.grad[:, pad] == 0).all()
+    # Unmasked, padding is counted as information: the paper's code (lbe_ignore_padding=False).
+    assert not torch.allclose(reg(padded_layers, task).entropies, plain.entropies, atol=1e-3)
+
+
+def test_masks_leave_unmasked_layers_unchanged():
+    torch.manual_seed(0)
+    tokens, image = torch.randn(6, 4, 5), torch.randn(6, 3, 8, 8)
+    mask = torch.ones(6, 4, dtype=torch.long)
+    mask[0, 3] = 0
+    both = batch_entropies([tokens, image], masks=[mask, None])
+    assert both[1].item() == batch_entropies([image])[0].item()
+    assert both[0].item() == pytest.approx(masked_reference(tokens, mask), rel=1e-5)
+    with pytest.raises(ValueError, match="does not fit"):
+        batch_entropies([image], masks=[mask])
+    with pytest.raises(ValueError, match="one per layer"):
+        batch_entropies([tokens, image], masks=[mask])
+
+
+def test_masked_sync_path_matches_the_local_one(monkeypatch):
+    """The path that merges statistics across processes, run in a one-process gloo group: with masks it must give
+    the local result (per-position counts travel with the sums)."""
+    import torch.distributed as dist
+
+    import hf_batch_entropy.entropy as entropy
+
+    x, mask = _ragged()
+    layers = [x.clone().requires_grad_(), (x * 0.3).requires_grad_()]
+    local = batch_entropies(layers, masks=[mask, mask])
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(entropy, "_sync_active", lambda sync: sync)
+        synced = batch_entropies(layers, masks=[mask, mask], sync=True)
+        unmasked = batch_entropies(layers, sync=True)
+        synced.sum().backward()  # the backward all-reduces too
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(synced, local, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(unmasked, batch_entropies(layers), atol=1e-6, rtol=1e-6)
+    reference = [layer.detach().clone().requires_grad_() for layer in layers]
+    batch_entropies(reference, masks=[mask, mask]).sum().backward()
+    for layer, ref in zip(layers, reference):
+        torch.testing.assert_close(layer.grad, ref.grad, atol=1e-6, rtol=1e-5)

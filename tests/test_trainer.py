@@ -566,3 +566,28 @@ def test_cuda_training_step_never_synchronizes(tmp_path):
     trainer.compute_loss = compute_loss
     trainer.train()
     assert checked == [1, 2]
+
+
+# --- padding --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ignore_padding", [True, False])
+def test_padding_does_not_move_the_regularizer(tmp_path, ignore_padding):
+    """The same sentences, unpadded (8 tokens) and right-padded to 16: with lbe_ignore_padding the logged entropies and
+    LBE loss are the same; without it (the paper's code) the padding counts as information."""
+    unpadded = token_dataset(n=8, seq_len=8)
+    padded = DictDataset([
+        {"input_ids": torch.cat([r["input_ids"], torch.zeros(8, dtype=torch.long)]),
+         "attention_mask": torch.cat([r["attention_mask"], torch.zeros(8, dtype=torch.long)]),
+         "labels": r["labels"]}
+        for r in unpadded.rows
+    ])
+    logged = {}
+    for name, ds in (("unpadded", unpadded), ("padded", padded)):
+        args = make_args(tmp_path, lbe_beta=0.5, max_steps=1, logging_steps=1, lbe_ignore_padding=ignore_padding)
+        trainer = BatchEntropyTrainer(model=tiny_bert(max_position_embeddings=32), args=args, train_dataset=ds)
+        trainer.train()
+        logged[name] = next(h for h in trainer.state.log_history if "lbe_loss" in h)
+    for key in ("batch_entropy_mean", "lbe_loss", "task_loss"):
+        same = logged["padded"][key] == pytest.approx(logged["unpadded"][key], rel=1e-5, abs=1e-6)
+        assert same if ignore_padding or key == "task_loss" else not same, key

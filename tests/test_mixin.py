@@ -1,0 +1,147 @@
+"""`BatchEntropyMixin` gives LBE to other trainers: `Seq2SeqTrainer` (T5), TRL's `SFTTrainer` (a causal LM), and PEFT
+models (a LoRA on BERT). Tiny models from configs, offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from conftest import DictDataset, make_args, tiny_bert
+from hf_batch_entropy import (
+    BatchEntropyMixin,
+    BatchEntropyRegularizer,
+    BatchEntropySeq2SeqConfig,
+    BatchEntropySeq2SeqTrainer,
+    batch_entropy_config,
+)
+from hf_batch_entropy.regularizer import REGULARIZER_CONFIG_NAME, REGULARIZER_WEIGHTS_NAME
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(config)
+
+
+def copy_task(n: int = 16, seed: int = 0) -> DictDataset:
+    """Sequences to copy, of lengths 3-6, padded with 0 (labels with -100), as a seq2seq collator would give them."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 3 + i % 4
+        ids = torch.randint(2, 40, (length,), generator=g)
+        pad = 6 - length
+        rows.append({
+            "input_ids": torch.cat([ids, torch.zeros(pad, dtype=torch.long)]),
+            "attention_mask": torch.cat([torch.ones(length, dtype=torch.long), torch.zeros(pad, dtype=torch.long)]),
+            "labels": torch.cat([ids, torch.full((pad,), -100)]),
+        })
+    return DictDataset(rows)
+
+
+def test_seq2seq_trainer_regularizes_encoder_and_decoder_and_generates(tmp_path):
+    ds = copy_task()
+    args = BatchEntropySeq2SeqConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
+        learning_rate=1e-3, max_steps=4, logging_steps=2, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, predict_with_generate=True, generation_max_length=8, lbe_beta=0.5, lbe_eval_entropy=True,
+    )
+    trainer = BatchEntropySeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=ds, eval_dataset=ds)
+    trainer.train()
+    names = trainer.regularizer.layer_names
+    assert names == [f"encoder_hidden_states.{i}" for i in range(3)] + [f"decoder_hidden_states.{i}" for i in range(3)]
+    logged = [h for h in trainer.state.log_history if "lbe_loss" in h]
+    assert logged and all(h["lbe_loss"] > 0 for h in logged)
+    output = trainer.predict(ds)
+    assert output.predictions.shape[0] == len(ds) and output.predictions.dtype.kind == "i"  # generated token ids
+    assert "test_loss" in output.metrics
+
+
+def test_seq2seq_plain_arguments_are_upgraded(tmp_path):
+    from transformers import Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", predict_with_generate=True)
+    trainer = BatchEntropySeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=copy_task())
+    assert isinstance(trainer.args, BatchEntropySeq2SeqConfig) and trainer.args.predict_with_generate
+
+
+# --- TRL -------------------------------------------------------------------------------------------------------------
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer built offline, with pad and eos tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + "the a cat dog sat ran on mat rug and big small".split()
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def test_sft_trainer_with_the_mixin(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class SFTWithLBE(BatchEntropyMixin, trl.SFTTrainer):
+        pass
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=32, pad_token_id=0, eos_token_id=1))
+    texts = ["the cat sat on the mat", "a dog ran", "the big dog sat on a small rug and the cat ran", "a cat"] * 4
+    config_cls = batch_entropy_config(trl.SFTConfig)
+    args = config_cls(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+        learning_rate=1e-3, save_strategy="no", report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
+        max_length=16, lbe_beta=0.5, lbe_log_per_layer=True,
+    )
+    assert isinstance(args, trl.SFTConfig) and args.lbe_beta == 0.5
+    trainer = SFTWithLBE(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer)
+    trainer.train()
+    assert trainer.regularizer.layer_names == [f"hidden_states.{i}" for i in range(3)]
+    logged = [h for h in trainer.state.log_history if "lbe_loss" in h]
+    assert len(logged) == 3 and all(h["lbe_loss"] > 0 and "batch_entropy/layer_2" in h for h in logged)
+    assert any("mean_token_accuracy" in h for h in trainer.state.log_history)  # TRL's own metrics still flow
+    trainer.save_model()  # pickles the made config class with the arguments
+    assert (tmp_path / "out" / REGULARIZER_WEIGHTS_NAME).is_file()
+
+
+# --- PEFT ------------------------------------------------------------------------------------------------------------
+
+
+def test_lora_regularizes_the_base_models_hidden_states_and_saves_an_ordinary_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    from conftest import token_dataset
+
+    base = tiny_bert()
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters() if "classifier" not in n}
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05, learning_rate=1e-2)
+    from hf_batch_entropy import BatchEntropyTrainer
+
+    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset())
+    trainer.train()
+    assert trainer._capture.source == "hidden_states"
+    assert trainer.regularizer.layer_names == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    assert (trainer.regularizer.alpha.detach() < 2.0).all()  # α trained
+    # Only the adapter (and the classifier PEFT keeps trainable for SEQ_CLS) moved.
+    for name, param in model.get_base_model().named_parameters():
+        key = name.replace(".base_layer", "")
+        if key in frozen:
+            torch.testing.assert_close(param.detach(), frozen[key], rtol=0, atol=0, msg=name)
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))
+    assert (out / "adapter_config.json").is_file() and (out / REGULARIZER_WEIGHTS_NAME).is_file()
+    assert (out / REGULARIZER_CONFIG_NAME).is_file()
+    torch.testing.assert_close(BatchEntropyRegularizer.from_pretrained(out).alpha, trainer.regularizer.alpha.detach())
+    # Plain PEFT loads the adapter back onto a fresh base model: the same function.
+    loaded = peft.PeftModel.from_pretrained(tiny_bert(), str(out)).eval()
+    model.eval()
+    batch = {"input_ids": torch.randint(4, 64, (3, 10))}
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
