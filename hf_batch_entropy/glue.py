@@ -597,7 +597,8 @@ def load_glue_files(
         split_features = dict(features)
         if LABEL_COLUMN in columns:
             split_features[LABEL_COLUMN] = label_feature
-        splits[split] = datasets.Dataset.from_dict(columns, features=datasets.Features(split_features))
+        # Named, so that what reads `.split` (the model card's metadata) says which split the results come from.
+        splits[split] = datasets.Dataset.from_dict(columns, features=datasets.Features(split_features), split=split)
     return datasets.DatasetDict(splits), spec
 
 

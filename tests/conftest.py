@@ -59,6 +59,17 @@ def token_dataset(n: int = 64, seq_len: int = 10, seed: int = 0) -> DictDataset:
     )
 
 
+def word_tokenizer():
+    """A word-level fast tokenizer built offline, with pad and eos tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + "the a cat dog sat ran on mat rug and big small".split()
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
 class TinyMLP(nn.Module):
     """A plain `nn.Module` (no hidden states) with named blocks: hooks are the only way in."""
 

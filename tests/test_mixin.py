@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from conftest import DictDataset, make_args, tiny_bert
+from conftest import DictDataset, make_args, tiny_bert, word_tokenizer
 from hf_batch_entropy import (
     BatchEntropyMixin,
     BatchEntropyRegularizer,
@@ -68,17 +68,6 @@ def test_seq2seq_plain_arguments_are_upgraded(tmp_path):
 
 
 # --- TRL -------------------------------------------------------------------------------------------------------------
-
-
-def word_tokenizer():
-    """A word-level fast tokenizer built offline, with pad and eos tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<eos>", "<unk>"] + "the a cat dog sat ran on mat rug and big small".split()
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def test_sft_trainer_with_the_mixin(tmp_path):

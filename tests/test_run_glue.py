@@ -78,7 +78,7 @@ def tiny_model(tmp_path_factory, minilm_path) -> str:
 
 
 def common_args(output_dir: Path, **overrides) -> list[str]:
-    """Flags for a few-step CPU run; `overrides` replace or add `--key value` pairs."""
+    """Flags for a few-step CPU run; `overrides` replace or add `--key value` pairs (None: leave the flag out)."""
     flags = {
         "output_dir": str(output_dir),
         "max_steps": "2",
@@ -95,7 +95,7 @@ def common_args(output_dir: Path, **overrides) -> list[str]:
         "seed": "0",
     }
     flags.update(overrides)
-    return [item for key, value in flags.items() for item in (f"--{key}", value)]
+    return [item for key, value in flags.items() if value is not None for item in (f"--{key}", value)]
 
 
 def read_json(path: Path) -> dict:
@@ -133,7 +133,10 @@ def test_original_tsv_tiny_bert(tmp_path, tiny_model, task, folder, metric_keys)
     assert read_json(out / "all_results.json") == {**train_results, **eval_results} == metrics
     assert train_results["train_samples"] == 64 and eval_results["eval_samples"] == 64
     for key in metric_keys:
-        assert -1.0 <= eval_results[key] <= 1.0
+        if key == "eval_accuracy":  # a fraction of the 64 evaluated examples
+            assert eval_results[key] * 64 == pytest.approx(round(eval_results[key] * 64))
+        else:
+            assert -1.0 <= eval_results[key] <= 1.0 and eval_results[key] == eval_results[key]
     # The saved model is a plain Transformers classifier with the task's label names.
     config = AutoConfig.from_pretrained(out)
     assert config.id2label == dict(enumerate(GLUE_TASKS[task].label_names))
@@ -202,7 +205,7 @@ def test_custom_csv_without_task(tmp_path, tiny_model):
             *common_args(out, lbe_beta="0"),
         ]
     )
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["eval_samples"] == 20 and metrics["eval_accuracy"] * 20 == pytest.approx(round(metrics["eval_accuracy"] * 20))
     assert AutoConfig.from_pretrained(out).id2label == {0: "bad", 1: "good"}
 
 
@@ -320,3 +323,20 @@ def test_experiment_sweep_and_table(tmp_path, tiny_model):
     assert "| LBE (α₀ = 0.5, α_min = 0.5, β = 0.05) | 0.001 |" in text and "| 2 (1, 2) |" in text
     # Scores ×100, mean ± sample std: 0.5 and 0.7 -> 60.0 ± sqrt(0.02)·100 = 14.1
     assert table.fmt([0.5, 0.7]) == "60.0 ± 14.1" and table.fmt([0.25]) == "25.0 ± 0.0"
+
+
+@needs_glue
+def test_fine_tuning_defaults_first_step_log_and_card_split(tmp_path, tiny_model):
+    """The script's LBE defaults are the fine-tuning ones; a 2-step run at the default logging_steps still logs LBE
+    metrics (first-step log); the model card names the evaluation split."""
+    _, _, args = run_glue.parse_args(["--task_name", "rte", "--output_dir", str(tmp_path)])
+    assert (args.lbe_beta, args.lbe_alpha, args.lbe_alpha_min) == (0.05, 0.5, 0.5) and args.logging_first_step
+    out = tmp_path / "out"
+    flags = common_args(out, logging_steps=None, lbe_beta=None)
+    run_glue.main(["--model_name_or_path", tiny_model, "--task_name", "rte",
+                   "--train_file", str(GLUE_DIR / "RTE" / "train.tsv"), "--validation_file", str(GLUE_DIR / "RTE" / "dev.tsv"),
+                   "--do_train", "--do_eval", "--max_train_samples", "32", "--max_eval_samples", "16", *flags])
+    logs = [entry for entry in read_json(out / "trainer_state.json")["log_history"] if "lbe_loss" in entry]
+    assert [entry["step"] for entry in logs] == [1] and logs[0]["lbe_loss"] > 0
+    card = (out / "README.md").read_text()
+    assert "split: validation" in card and "split: None" not in card

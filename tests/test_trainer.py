@@ -591,3 +591,66 @@ def test_padding_does_not_move_the_regularizer(tmp_path, ignore_padding):
     for key in ("batch_entropy_mean", "lbe_loss", "task_loss"):
         same = logged["padded"][key] == pytest.approx(logged["unpadded"][key], rel=1e-5, abs=1e-6)
         assert same if ignore_padding or key == "task_loss" else not same, key
+
+
+# --- the Hub, offline -------------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_an_ordinary_model_with_card_and_regularizer(tmp_path, monkeypatch):
+    """push_to_hub() against a local stand-in for the Hub (the upload copies the folder): what would be uploaded is
+    the model, the tokenizer, the card (tag, LBE section) and the regularizer's files, and the model loads with
+    AutoModelForSequenceClassification in a process that never imports hf_batch_entropy."""
+    import fnmatch
+    import shutil
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import transformers.trainer as trainer_module
+
+    from conftest import word_tokenizer
+
+    hub = tmp_path / "hub"
+
+    class LocalHub:
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=f"user/{repo_id.split('/')[-1]}")
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+            def ignored(directory, names):
+                return [n for n in names if any(fnmatch.fnmatch(n, p) for p in ignore_patterns)]
+
+            shutil.copytree(folder_path, hub / repo_id, ignore=ignored)
+            return SimpleNamespace(commit_url=f"local://{repo_id}")
+
+    monkeypatch.setattr(trainer_module, "hf_api", lambda: LocalHub())
+    tokenizer = word_tokenizer()
+    args = make_args(tmp_path, lbe_beta=0.5, save_strategy="steps", save_steps=2, hub_model_id="tiny-lbe")
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args,
+                                  train_dataset=token_dataset(), processing_class=tokenizer)
+    trainer.train()
+    trainer.push_to_hub()
+    uploaded = hub / "user" / "tiny-lbe"
+    names = {p.name for p in uploaded.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md",
+            REGULARIZER_WEIGHTS_NAME, REGULARIZER_CONFIG_NAME} <= names
+    assert not any(n.startswith("checkpoint-") for n in names)
+    card = (uploaded / "README.md").read_text()
+    assert "- batch-entropy" in card.split("---")[1]  # a tag in the YAML header
+    assert "## Layerwise batch-entropy regularization" in card and '"lbe_beta": 0.5' in card
+    torch.testing.assert_close(BatchEntropyRegularizer.from_pretrained(uploaded).alpha, trainer.regularizer.alpha.detach())
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    expected = trainer.model.eval()(input_ids=ids).logits.detach()
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"model = AutoModelForSequenceClassification.from_pretrained({str(uploaded)!r}).eval()\n"
+        f"AutoTokenizer.from_pretrained({str(uploaded)!r})\n"
+        "assert 'hf_batch_entropy' not in sys.modules\n"
+        "print(model(input_ids=torch.tensor([[5, 6, 7, 8, 9]])).logits.tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])), expected, atol=1e-5, rtol=1e-5)
