@@ -95,6 +95,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Instead of baseline vs one LBE setting, run LBE at every α₀ ∈ {0.2, 0.3, 0.5, 0.8} × "
         "β ∈ {0.005, 0.01, 0.05} (α_min = α₀, so that the floor does not hide the lower targets), plus the baseline.",
     )
+    parser.add_argument(
+        "--padding",
+        action="store_true",
+        help="Instead of baseline vs one LBE setting, compare the baseline with LBE over the real tokens only "
+        "(--lbe_ignore_padding true, the default) and LBE over every position, padding included (false, the "
+        "paper's code): what padding-aware batch-entropy changes.",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU).")
     parser.add_argument(
         "--workers",
@@ -112,12 +119,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def methods(args: argparse.Namespace) -> list[tuple[str, float, float, float]]:
-    """(name, β, α₀, α_min) of each method compared."""
-    baseline = ("baseline", 0.0, args.lbe_alpha, args.lbe_alpha_min)
+def methods(args: argparse.Namespace) -> list[tuple[str, float, float, float, list[str]]]:
+    """(name, β, α₀, α_min, further run_glue.py flags) of each method compared."""
+    baseline = ("baseline", 0.0, args.lbe_alpha, args.lbe_alpha_min, [])
     if args.grid:
-        return [baseline] + [(f"lbe_a{a:g}_b{b:g}", b, a, a) for a, b in itertools.product(GRID_ALPHAS, GRID_BETAS)]
-    return [baseline, (f"lbe_a{args.lbe_alpha:g}_b{args.lbe_beta:g}", args.lbe_beta, args.lbe_alpha, args.lbe_alpha_min)]
+        return [baseline] + [(f"lbe_a{a:g}_b{b:g}", b, a, a, []) for a, b in itertools.product(GRID_ALPHAS, GRID_BETAS)]
+    lbe = (f"lbe_a{args.lbe_alpha:g}_b{args.lbe_beta:g}", args.lbe_beta, args.lbe_alpha, args.lbe_alpha_min)
+    if args.padding:
+        return [baseline, (*lbe, ["--lbe_ignore_padding", "true"]),
+                (f"{lbe[0]}_all_positions", *lbe[1:], ["--lbe_ignore_padding", "false"])]
+    return [baseline, (*lbe, [])]
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
@@ -125,7 +136,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
     data_dir = Path(args.data_dir)
     tasks = sorted(args.tasks, key=lambda t: -_steps(args, t))
     runs = []
-    for seed, task, lr, (name, beta, alpha, alpha_min) in itertools.product(
+    for seed, task, lr, (name, beta, alpha, alpha_min, method_args) in itertools.product(
         args.seeds, tasks, args.learning_rates, methods(args)
     ):
         folder = data_dir / TASK_FOLDERS[task]
@@ -156,7 +167,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
             run_args += ["--model_name_or_path", args.model_path]
         if args.bf16:
             run_args += ["--bf16", "true"]
-        run_args += shlex.split(args.extra_args)
+        run_args += method_args + shlex.split(args.extra_args)
         runs.append(Run(task, name, lr, seed, beta, alpha, alpha_min, str(out), run_args))
     return runs
 
