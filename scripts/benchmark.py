@@ -56,6 +56,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -178,11 +179,16 @@ def get_case(name: str) -> Case:
 # --- measuring --------------------------------------------------------------------------------------------------------
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step, from `on_step_begin` to `on_step_end`."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
-    def __init__(self, cuda: bool):
+
+class StepTimer(TrainerCallback):
+    """Time of every optimizer step, from `on_step_begin` to `on_step_end`: wall time, or the CPU time of this process
+    (all its threads; `--clock cpu`), which other jobs on a shared machine barely move."""
+
+    def __init__(self, cuda: bool, clock: str = "wall"):
         self.cuda = cuda
+        self.now = CLOCKS[clock]
         self.times: list[float] = []
         self._start = 0.0
 
@@ -192,11 +198,11 @@ class StepTimer(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
-        self._start = time.perf_counter()
+        self._start = self.now()
 
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(self.now() - self._start)
 
 
 class CpuPeakMemory:
@@ -298,7 +304,7 @@ def run_turn(case: Case, variant: str, master: torch.nn.Module, data: TensorDict
         torch_compile=opts.torch_compile,
         seed=0,
     )
-    timer = StepTimer(cuda)
+    timer = StepTimer(cuda, opts.clock)
     # The flush runs every step on CPU (a no-op on CUDA), before the timer starts: callbacks run in list order.
     callbacks = [FlushDenormalsCallback(), timer]
     if variant == "trainer":
@@ -434,11 +440,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, help="per-device batch size (default: the case's)")
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: torch's choice)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="what a step's time is: wall time (default), or this process's CPU time (CPU only; with --threads 1 it "
+        "is the step's compute, which other jobs on a shared machine barely move, while its wall time can grow 5-10×)",
+    )
     opts = parser.parse_args(argv)
     if "trainer" not in opts.variants:
         opts.variants = ["trainer"] + opts.variants
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda, but CUDA is not available.")
+    if opts.device == "cuda" and opts.clock == "cpu":
+        raise SystemExit("--clock cpu measures CPU work: on CUDA the step's time is the GPU's, use --clock wall.")
     opts.cases = opts.cases or list(CPU_CASES if opts.device == "cpu" else CUDA_CASES)
     hf_logging.set_verbosity_error()
     opts.cpu_memory = None
@@ -467,6 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": opts.steps,
         "warmup": opts.warmup,
         "rounds": opts.rounds,
+        "clock": opts.clock,
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
