@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of issues 5 and 6, in one go (about 4 minutes on one H200):
 #   1. the GPU tests: fp16 (GradScaler) and bf16 Trainer runs, the fused path on CUDA tensors, torch.compile (inductor)
-#      with the regularizer; plus the CPU tests of the same files;
+#      with the regularizer, a CUDA training step under torch.cuda.set_sync_debug_mode("error"); plus the CPU tests of
+#      the same files;
 #   2. the CUDA benchmark, BatchEntropyTrainer vs Trainer: BERT-base (random init) and the depth-500 width-1000 vanilla
 #      MLP in bf16; then BERT-base with torch.compile.
 # Needs torch, transformers and accelerate (no datasets, evaluate or MiniLM package). Run from the repository root:
@@ -30,6 +31,7 @@ echo "== 1. tests =="
 if $PY -c "import pytest" 2>/dev/null; then
   timeout 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rs --durations=10 \
       tests/test_fused.py tests/test_mixed_precision.py tests/test_entropy.py \
+      "tests/test_trainer.py::test_cuda_training_step_never_synchronizes" \
       --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
   tail -n 25 "$OUT/tests.log"
 else
