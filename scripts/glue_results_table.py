@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import math
 import statistics
 import sys
@@ -66,7 +67,12 @@ def _method_order(method: str) -> tuple[int, str]:
 def method_label(run: dict) -> str:
     if run["method"] == "baseline":
         return "baseline (β = 0)"
-    return f"LBE (α₀ = {run['lbe_alpha']:g}, α_min = {run['lbe_alpha_min']:g}, β = {run['lbe_beta']:g})"
+    label = f"LBE (α₀ = {run['lbe_alpha']:g}, α_min = {run['lbe_alpha_min']:g}, β = {run['lbe_beta']:g}"
+    args = run.get("args", [])
+    if "--lbe_ignore_padding" in args:  # `glue_experiments.py --padding` compares the two
+        ignore = args[args.index("--lbe_ignore_padding") + 1].lower() == "true"
+        label += ", real tokens only" if ignore else ", every position"
+    return label + ")"
 
 
 def tables(runs: list[dict]) -> str:
@@ -115,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs_dir", help="The --output_dir of scripts/glue_experiments.py.")
     parser.add_argument("--output", help="Also write the markdown here.")
+    parser.add_argument(
+        "--json", help="Also write every run (settings, results, logged LBE metrics) and where they ran as JSON here."
+    )
     args = parser.parse_args(argv)
     runs, missing = load_runs(Path(args.runs_dir))
     if not runs:
@@ -129,7 +138,37 @@ def main(argv: list[str] | None = None) -> int:
     print(text, end="")
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_record(runs, args.runs_dir), indent=1), encoding="utf-8")
     return 0
+
+
+def _record(runs: list[dict], runs_dir: str) -> dict:
+    """The runs with the LBE metrics each logged (from its trainer_state.json), and the machine and code they ran on
+    (read at table time: run the table on the machine and commit that ran the sweep)."""
+    import platform
+    import subprocess
+
+    import torch
+    import transformers
+
+    for run in runs:
+        state = Path(run["output_dir"]) / "trainer_state.json"
+        if state.is_file():
+            history = json.loads(state.read_text())["log_history"]
+            run["lbe_logs"] = [
+                {k: v for k, v in entry.items() if k in ("step", "task_loss", "lbe_loss", "batch_entropy_mean", "batch_entropy_min")}
+                for entry in history if "lbe_loss" in entry
+            ]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {
+        "runs_dir": runs_dir,
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count()},
+        "runs": runs,
+    }
 
 
 if __name__ == "__main__":
