@@ -124,26 +124,31 @@ def _squared_deviations(
     `m` the unit mask `(B, U)` (all ones if `None`)."""
     if len(layers) == 1:
         stacked = layers[0].unsqueeze(0).float()
+        if mask is not None:
+            stacked = stacked * mask  # a new tensor: `stacked` may be the layer itself
         if mean is None:
             mean = _batch_mean(stacked, mask)
-        centred = stacked - mean  # a new tensor: `stacked` may be the layer itself
+        centred = stacked - mean  # a new tensor, as above
     else:
-        centred = torch.stack(layers)  # our own copy, centred in place
+        centred = torch.stack(layers)  # our own copy, masked and centred in place
         if centred.dtype != torch.float32:
             centred = centred.float()
+        if mask is not None:
+            centred.mul_(mask)
         if mean is None:
             mean = _batch_mean(centred, mask)
         centred.sub_(mean)
     if mask is not None:
-        centred.mul_(mask)
+        centred.mul_(mask)  # the padding, now at −μ, back to 0
     return centred.square_().sum(dim=1), mean
 
 
-def _batch_mean(stacked: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Per-unit mean `(L, 1, U)` over the batch of `(L, B, U)`, over the masked-in examples only where masked."""
+def _batch_mean(masked: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-unit mean `(L, 1, U)` over the batch of `(L, B, U)` whose padding is already zeroed, over the real
+    examples only where masked."""
     if mask is None:
-        return stacked.mean(dim=1, keepdim=True)
-    return (stacked * mask).sum(dim=1, keepdim=True) / mask.sum(dim=0).clamp_min(1)
+        return masked.mean(dim=1, keepdim=True)
+    return masked.sum(dim=1, keepdim=True) / mask.sum(dim=0).clamp_min(1)
 
 
 class _SquaredDeviations(torch.autograd.Function):
@@ -177,18 +182,21 @@ class _SquaredDeviations(torch.autograd.Function):
         mean, *layers = ctx.saved_tensors
         mask = layers.pop(0) if ctx.masked else None
         coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
-        if mask is not None:
-            coef = coef * mask  # (L, B, U)
         if layers[0].device.type in _PER_LAYER_BACKWARD_DEVICES or len(layers) == 1:
             # Layer by layer: no stacked copy, and each gradient is its own tensor, freed once autograd has used it.
-            grads = tuple(torch.sub(x, mean[i]).mul_(coef[i]).to(x.dtype) for i, x in enumerate(layers))
+            grads = tuple(_masked(torch.sub(x, mean[i]).mul_(coef[i]), mask).to(x.dtype) for i, x in enumerate(layers))
         else:
             # On accelerators, a few large kernels per chunk rather than a few small ones per layer.
             stacked = torch.stack(layers)
             out = stacked.float() if stacked.dtype != torch.float32 else stacked
-            out = out.sub_(mean).mul_(coef)
+            out = _masked(out.sub_(mean).mul_(coef), mask)
             grads = out.to(layers[0].dtype).unbind(0)
         return (None, None, *grads)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`x · mask`, in place (`x` is a fresh tensor of ours); `x` itself without a mask."""
+    return x if mask is None else x.mul_(mask)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -275,6 +275,7 @@ VARIANTS = {
     "lbe": "BatchEntropyTrainer",
     "lbe_unfused": "BatchEntropyTrainer (lbe_fused=False)",
     "lbe_sync": "BatchEntropyTrainer (lbe_sync_entropy=True)",
+    "lbe_all_positions": "BatchEntropyTrainer (lbe_ignore_padding=False)",
 }
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 RANK = int(os.environ.get("RANK", "0"))
@@ -311,7 +312,8 @@ def run_turn(case: Case, variant: str, master: torch.nn.Module, data: TensorDict
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=callbacks)
     else:
         args = BatchEntropyConfig(
-            **common, lbe_fused=(variant != "lbe_unfused"), lbe_sync_entropy=(variant == "lbe_sync")
+            **common, lbe_fused=(variant != "lbe_unfused"), lbe_sync_entropy=(variant == "lbe_sync"),
+            lbe_ignore_padding=(variant != "lbe_all_positions"),
         )
         trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no log lines between the turns
@@ -435,7 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=["trainer", "lbe"],
         choices=list(VARIANTS),
         help="what to compare: trainer (plain Trainer, the baseline), lbe (fused, the default), lbe_unfused, "
-        "lbe_sync (synchronized batch-entropy; launch several processes with accelerate launch or torchrun)",
+        "lbe_sync (synchronized batch-entropy; launch several processes with accelerate launch or torchrun), "
+        "lbe_all_positions (entropies over every position, no padding mask: what the mask costs)",
     )
     parser.add_argument("--batch_size", type=int, help="per-device batch size (default: the case's)")
     parser.add_argument("--output", help="write the results as JSON here")
