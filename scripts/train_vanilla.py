@@ -29,7 +29,7 @@ Default (`--preset frontier`): ReLU MLPs of width 64 on scikit-learn's bundled 8
 about 10 minutes on two CPU cores. Examples:
 
     python scripts/train_vanilla.py                                   # the frontier (digits, depths 10…500, 3 seeds)
-    python scripts/train_vanilla.py --preset long                     # the depth-500 recipe that learns (~15 min/seed)
+    python scripts/train_vanilla.py --preset long                     # the depth-500 recipe that learns (~10 min/seed)
     python scripts/train_vanilla.py --preset depth50                  # the depth-50 recipe
     python scripts/train_vanilla.py --depths 500 --num_seeds 1        # one pair (baseline, LBE) at depth 500
     python scripts/train_vanilla.py --arch cnn --depth 150 --width 8 --num_seeds 1 --output_dir vanilla_cnn
@@ -87,7 +87,7 @@ RANK_LAYERS = (1, 2, 5, 10, 50, 100, 250, 500)
 PRESETS: dict[str, list[str]] = {
     "frontier": [],
     "long": ["--depths", "500", "--runs", "lbe", "--learning_rate", "1e-4", "--lr_scheduler_type", "cosine",
-             "--max_steps", "6000", "--eval_steps", "500", "--logging_steps", "100"],
+             "--max_steps", "4000", "--eval_steps", "400", "--logging_steps", "100"],
     "depth50": ["--depths", "50", "--runs", "lbe", "--learning_rate", "1e-4", "--lr_scheduler_type", "cosine",
                 "--max_steps", "10000", "--eval_steps", "1000", "--logging_steps", "100"],
 }
@@ -157,7 +157,7 @@ class DataArguments:
         default="frontier",
         metadata={"help": "A named recipe, i.e. flags put in front of the command line's own (which override them): "
                   "'frontier' (the defaults: the depth ladder in ~10 min on 2 CPU cores), 'long' (depth 500, LBE, "
-                  "lr 1e-4 cosine, 6,000 steps: the recipe that learns, ~15 min per seed on one core), 'depth50' "
+                  "lr 1e-4 cosine, 4,000 steps: the recipe that learns, ~10 min per seed on one core), 'depth50' "
                   "(depth 50, lr 1e-4 cosine, 10,000 steps). See PRESETS in this script.",
                   "choices": sorted(PRESETS)},
     )
