@@ -74,7 +74,7 @@ logger = logging.getLogger("train_vanilla")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A layer whose batch-entropy is below this (nats per unit) is counted as "dead" in the table and the logs: its
-# activations are numerically the same for every example of the batch. Same threshold as `hf_batch_entropy.diagnose`.
+# activations are numerically the same for every example of the batch. Same threshold as `hf_batch_entropy.diagnosis`.
 DEAD_ENTROPY = DEFAULT_THRESHOLD
 
 RUNS = ("baseline", "lbe")
