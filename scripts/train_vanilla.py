@@ -212,12 +212,14 @@ class VanillaTrainingArguments(BatchEntropyConfig):
     """`BatchEntropyConfig` with the frontier's defaults (see docs/vanilla.md)."""
 
     output_dir: str | None = field(default="vanilla_output", metadata={"help": "Where results.json and the PNG go."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak Adam learning rate (network weights and α)."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak Adam learning rate (network weights and α)."})
     lr_scheduler_type: str = field(
-        default="cosine",
-        metadata={"help": "Learning-rate schedule. Default: cosine decay from --learning_rate to 0 over the run."},
+        default="polynomial",
+        metadata={"help": "Learning-rate schedule. Default: polynomial decay of power 2, lr·(1 − t)² (the power is "
+                  "set when --lr_scheduler_kwargs is not given): a high rate while LBE revives the layers front to "
+                  "back, then a falling one while the task is learned."},
     )
-    max_steps: int = field(default=1200, metadata={"help": "Optimizer steps per run (overrides num_train_epochs)."})
+    max_steps: int = field(default=400, metadata={"help": "Optimizer steps per run (overrides num_train_epochs)."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (fused AdamW: about a tenth faster steps on "
                        "CPU than the per-tensor loop over the 1,002 weight tensors)."})
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch size (batch-entropy is "

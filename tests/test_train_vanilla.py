@@ -148,7 +148,8 @@ def test_presets_are_flags_the_command_line_overrides():
     assert model_args.depths == "500" and data_args.runs == "lbe" and data_args.preset == "long"
     assert training_args.max_steps == 7 and training_args.learning_rate == pytest.approx(1e-4)
     model_args, _, training_args = script.parse_arguments(script.expand_preset(["--depth", "30"]))
-    assert model_args.depths == "30" and training_args.max_steps == 1200  # the frontier's recipe
+    assert model_args.depths == "30" and training_args.max_steps == 400  # the frontier's recipe
+    assert training_args.lr_scheduler_kwargs == {"power": 2.0}
     with pytest.raises(ValueError, match="--preset"):
         script.expand_preset(["--preset", "nope"])
 
