@@ -736,36 +736,40 @@ def format_frontier_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def interpret(summary: list[dict]) -> str:
-    """One or two sentences on what the frontier shows, from the numbers."""
+def interpret(summary: list[dict], steps: int | None = None) -> str:
+    """One or two sentences on what the frontier shows, written from the numbers: where the baseline falls to chance
+    (< 15% on ten classes), how deep LBE still learns, a depth where neither learns, and the ceiling."""
     by = {(s["run"], s["depth"]): s for s in summary}
     depths = sorted({s["depth"] for s in summary if s["run"] != "ceiling"})
+    chance = 0.15
+    budget = f"{steps} steps" if steps else "this budget"
+
+    def acc(s: dict) -> str:
+        return _pct(s["test_accuracy_mean"], s["test_accuracy_std"], s["seeds"])
+
+    first = []
+    dead = [d for d in depths if ("baseline", d) in by and by[("baseline", d)]["test_accuracy_mean"] < chance]
+    if dead:
+        first.append(f"Without LBE the network stays at chance (< {100 * chance:.0f}%) from depth {dead[0]} on")
+    elif any(("baseline", d) in by for d in depths):
+        first.append(f"Without LBE every depth up to {max(d for d in depths if ('baseline', d) in by)} learns")
+    learns = [d for d in depths if ("lbe", d) in by and by[("lbe", d)]["test_accuracy_mean"] >= chance]
+    rescued = [d for d in learns if d in dead]
+    if rescued:
+        first.append(f"with LBE it learns up to depth {rescued[-1]} ({acc(by[('lbe', rescued[-1])])})")
+    elif learns:
+        first.append(f"with LBE it learns up to depth {learns[-1]} ({acc(by[('lbe', learns[-1])])})")
+    stuck = [d for d in dead if ("lbe", d) in by and by[("lbe", d)]["test_accuracy_mean"] < chance]
+    sentence = "; ".join(first)
+    if stuck:
+        s = by[("lbe", stuck[-1])]
+        sentence += (f", but at depth {stuck[-1]} neither learns within {budget} (LBE has revived "
+                     f"{s['alive_layers_mean']:.0f} of its {s['num_layers']} layers by then)")
+    sentence = (sentence + ".") if sentence else ""
     ceiling = next((s for s in summary if s["run"] == "ceiling"), None)
-    chance_plus = 0.15  # "at chance": below 15% on 10 classes
-    parts = []
-    base = [d for d in depths if ("baseline", d) in by]
-    dead = [d for d in base if by[("baseline", d)]["test_accuracy_mean"] < chance_plus]
-    if base:
-        if dead:
-            parts.append(f"Without LBE the network stays at chance (< {100 * chance_plus:.0f}%) from depth {dead[0]} on")
-        else:
-            parts.append(f"Without LBE every depth up to {base[-1]} learns")
-    lbe = [d for d in depths if ("lbe", d) in by]
-    if lbe:
-        deepest = by[("lbe", lbe[-1])]
-        text = (f"with LBE the depth-{lbe[-1]} network reaches "
-                f"{_pct(deepest['test_accuracy_mean'], deepest['test_accuracy_std'], deepest['seeds'])}")
-        if dead and ("lbe", dead[0]) in by:
-            s = by[("lbe", dead[0])]
-            text += (f" and the depth-{dead[0]} one "
-                     f"{_pct(s['test_accuracy_mean'], s['test_accuracy_std'], s['seeds'])}")
-        parts.append(text)
-    sentence = ("; ".join(parts) + ".") if parts else ""
     if ceiling is not None:
-        sentence += (f" A well-initialized {ceiling['depth']}-layer network reaches "
-                     f"{_pct(ceiling['test_accuracy_mean'], ceiling['test_accuracy_std'], ceiling['seeds'])} with the "
-                     "same recipe: LBE makes the deep networks trainable, and the gap to that ceiling is what this "
-                     "recipe's step budget leaves.")
+        sentence += (f" A well-initialized {ceiling['depth']}-layer network reaches {acc(ceiling)} with the same "
+                     f"recipe: the distance to it is what {budget} leave the deep networks.")
     return sentence.strip()
 
 
@@ -997,7 +1001,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_table(ordered))
     else:
         print(format_frontier_table(report["summary"]))
-        print("\n" + interpret(report["summary"]))
+        print("\n" + interpret(report["summary"], training_args.max_steps))
     print(f"\ntotal wall time {report['meta']['total_wall_time_s']:.0f} s ({workers} worker(s))")
     print(f"results: {results_path}" + (f"\npicture: {picture}" if picture else ""))
     return report

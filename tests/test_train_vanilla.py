@@ -228,3 +228,20 @@ def test_local_image_folder_dataset(tmp_path):
     assert run["steps"] == 4 and run["num_layers"] == 3
     # 24 images, no 'test' split: a stratified 20% test split of the train folder.
     assert run["dataset"] == str(tmp_path / "images")
+
+
+def test_interpretation_follows_the_numbers():
+    script = _load_script()
+
+    def row(run, depth, acc, alive=None, layers=None):
+        return {"run": run, "depth": depth, "seeds": 3, "test_accuracy_mean": acc, "test_accuracy_std": 0.01,
+                "alive_layers_mean": alive or depth, "num_layers": layers or depth}
+
+    summary = [row("ceiling", 2, 0.97), row("baseline", 10, 0.8), row("lbe", 10, 0.7), row("baseline", 30, 0.1),
+               row("lbe", 30, 0.3), row("baseline", 500, 0.1), row("lbe", 500, 0.1, alive=300, layers=500)]
+    text = script.interpret(summary, 400)
+    assert "chance (< 15%) from depth 30 on" in text and "learns up to depth 30 (30.0% ± 1.0)" in text
+    assert "at depth 500 neither learns within 400 steps (LBE has revived 300 of its 500 layers" in text
+    assert "2-layer network reaches 97.0% ± 1.0" in text
+    summary[4] = row("lbe", 30, 0.1)
+    assert "learns up to depth 10" in script.interpret(summary, 400)
