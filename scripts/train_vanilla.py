@@ -1,39 +1,58 @@
 #!/usr/bin/env python
 # coding=utf-8
-r"""Train a vanilla deep network (no skip connections, no normalization, no dropout) with and without layerwise
-batch-entropy regularization (LBE), the headline experiment of Peer et al., TMLR 2022.
+r"""The trainability frontier of vanilla deep networks (no skip connections, no normalization, no dropout) with and
+without layerwise batch-entropy regularization (LBE), the headline experiment of Peer et al., TMLR 2022.
 
-The same network, from the same initialization, is trained twice through `BatchEntropyTrainer`:
+For every depth of a ladder (default 10, 30, 100, 500) and every seed, the same network, from the same initialization,
+is trained twice through `BatchEntropyTrainer`:
 
 - `baseline`: `lbe_beta = 0`, i.e. plain cross-entropy (the trainer still measures and logs the batch-entropies);
-- `lbe`:      L = L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task.
+- `lbe`:      L = L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task,
 
-It prints a side-by-side table (test accuracy, task loss, per-layer batch-entropy min/mean at the end, wall time) and
-writes into `--output_dir`:
+plus, once per seed, a shallow, well-initialized network (`ceiling`: depth 2, He-normal weights, zero biases, no
+LBE) as the accuracy that this data and recipe allow. Seed i uses the training seed `--seed + i` (initialization and
+batch order) and the split seed `--split_seed + i` (train/test split). Independent runs go to `--workers` processes
+of one thread each.
 
-- `results.json`: one entry per run (settings, final metrics, per-layer entropies at the end, evaluation curve);
-- `batch_entropy.png`: per-layer batch-entropy over training, layer × step, one panel per run: the picture in which
-  information flow returns layer by layer under LBE and stays at 0 without it.
+It prints a table (test accuracy, mean ± std over the seeds, per depth) and what it means, and writes into
+`--output_dir`:
 
-Default: a ReLU MLP of depth 500 and width 64 on scikit-learn's bundled 8×8 digits (no download), which runs on two
-CPU cores in a few minutes. Examples:
+- `results.json`: `meta` (the exact command, commit and whether the tree was dirty, library versions, machine),
+  `summary` (per run kind and depth: mean and std of the test accuracy over the seeds) and `runs` (one entry per run:
+  settings, final metrics, per-layer entropies at the end, and the evaluation curve against steps and wall time with
+  the effective rank of a few layers);
+- `frontier.png` (two depths or more): test accuracy against depth (log axis, error bars = std over seeds, the
+  ceiling as a band), and the per-layer batch-entropy over training of the deepest pair (log colour scale);
+- `batch_entropy.png` (a single depth): the per-layer batch-entropy over training of each run of the first seed.
 
-    python scripts/train_vanilla.py                                  # the headline run (digits, depth 500)
-    python scripts/train_vanilla.py --arch cnn --depth 100 --width 8 --output_dir vanilla_cnn
-    python scripts/train_vanilla.py --dataset mnist --depth 500 --width 1000 ...   # the paper's setting, on a GPU
-    python scripts/train_vanilla.py --help                           # every flag, explained
+Default (`--preset frontier`): ReLU MLPs of width 64 on scikit-learn's bundled 8×8 digits (no download), 3 seeds,
+about 10 minutes on two CPU cores. Examples:
 
-Every `BatchEntropyConfig` / `TrainingArguments` flag is accepted (`--learning_rate`, `--max_steps`,
-`--num_train_epochs`, `--lbe_beta`, `--lbe_alpha`, ...); the defaults below are the tuned ones (see docs/vanilla.md).
+    python scripts/train_vanilla.py                                   # the frontier (digits, depths 10…500, 3 seeds)
+    python scripts/train_vanilla.py --preset long                     # the depth-500 recipe that learns (~10 min/seed)
+    python scripts/train_vanilla.py --preset depth50                  # the depth-50 recipe
+    python scripts/train_vanilla.py --depths 500 --num_seeds 1        # one pair (baseline, LBE) at depth 500
+    python scripts/train_vanilla.py --arch cnn --depth 150 --width 8 --num_seeds 1 --output_dir vanilla_cnn
+    python scripts/train_vanilla.py --dataset mnist --depths 500 --width 1000 ...   # the paper's setting, on a GPU
+    python scripts/train_vanilla.py --help                            # every flag, explained
+
+A preset is a list of flags (`PRESETS` below) put in front of the command line's own, which override it. Every
+`BatchEntropyConfig` / `TrainingArguments` flag is accepted (`--learning_rate`, `--max_steps`, `--lbe_beta`, ...).
+See docs/vanilla.md for the measurements behind the defaults.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
+import platform
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +63,7 @@ import transformers
 from torch.utils.data import Dataset
 from transformers import HfArgumentParser, PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 
+import hf_batch_entropy
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer, batch_entropies
 from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
 from hf_batch_entropy.diagnosis import DEFAULT_THRESHOLD
@@ -51,13 +71,26 @@ from hf_batch_entropy.models import build_vanilla_model
 
 logger = logging.getLogger("train_vanilla")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # A layer whose batch-entropy is below this (nats per unit) is counted as "dead" in the table and the logs: its
-# activations are numerically the same for every example of the batch. Same threshold as `hf_batch_entropy.diagnose`.
+# activations are numerically the same for every example of the batch. Same threshold as `hf_batch_entropy.diagnosis`.
 DEAD_ENTROPY = DEFAULT_THRESHOLD
 
 RUNS = ("baseline", "lbe")
 
-DEFAULT_SCHEDULER_KWARGS = {"power": 2.0}
+# Hidden layers (1-based) whose effective rank is recorded at every evaluation (those that exist at a given depth).
+RANK_LAYERS = (1, 2, 5, 10, 50, 100, 250, 500)
+
+# Named recipes: flags put in front of the command line's (which override them). The dataclass defaults below are
+# the `frontier` recipe, so `frontier` adds nothing. docs/vanilla.md has the measurements behind each.
+PRESETS: dict[str, list[str]] = {
+    "frontier": [],
+    "long": ["--depths", "500", "--runs", "lbe", "--learning_rate", "1e-4", "--lr_scheduler_type", "cosine",
+             "--max_steps", "4000", "--eval_steps", "400", "--logging_steps", "100"],
+    "depth50": ["--depths", "50", "--runs", "lbe", "--learning_rate", "1e-4", "--lr_scheduler_type", "constant",
+                "--max_steps", "15000", "--eval_steps", "1500", "--logging_steps", "100"],
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -74,9 +107,32 @@ class ModelArguments:
         metadata={"help": "Architecture: 'mlp' (Linear+activation layers on flattened images) or 'cnn' (3×3 same-padded "
                   "convolutions, then one fully connected hidden layer, as in the paper).", "choices": ["mlp", "cnn"]},
     )
-    depth: int = field(default=500, metadata={"help": "Number of hidden layers (MLP) or convolutional layers (CNN)."})
+    depth: int | None = field(
+        default=None,
+        metadata={"help": "One depth only: the same as --depths N (number of hidden layers of the MLP, convolutional "
+                  "layers of the CNN)."},
+    )
+    depths: str = field(
+        default="10,30,100,500",
+        metadata={"help": "Comma-separated ladder of depths (hidden layers of the MLP, convolutional layers of the "
+                  "CNN). Two depths or more draw the frontier; one depth is the single-pair run."},
+    )
     width: int = field(default=64, metadata={"help": "Units per hidden layer (MLP) or channels per convolution (CNN)."})
     activation: str = field(default="relu", metadata={"help": "Activation, a key of transformers ACT2FN (relu, gelu, tanh...)."})
+    lbe_layers: str = field(
+        default="all",
+        metadata={"help": "Which hidden layers LBE regularizes: 'all' (every hidden layer's output, the library's "
+                  "default for a model that returns hidden_states) or 'reference' (the paper's reference "
+                  "implementation: the MLP's layers 2…depth−1, i.e. not the first and the last hidden layer; the "
+                  "CNN's layers without the first convolution).", "choices": ["all", "reference"]},
+    )
+    ceiling: bool = field(
+        default=True,
+        metadata={"help": "With two depths or more, also train a shallow, well-initialized network (--ceiling_depth "
+                  "hidden layers, He-normal weights, zero biases, no LBE, same recipe) once per seed: the accuracy "
+                  "this data and recipe allow, drawn as the frontier's ceiling."},
+    )
+    ceiling_depth: int = field(default=2, metadata={"help": "Hidden layers of the ceiling network."})
     flush_denormal: bool = field(
         default=True,
         metadata={"help": "On CPU, flush subnormal floats to zero on every thread (hf_batch_entropy.denormals). Deep vanilla networks "
@@ -86,16 +142,25 @@ class ModelArguments:
     )
     torch_threads: int = field(
         default=0,
-        metadata={"help": "CPU threads for PyTorch. 0 (auto): 1 for networks of width <= 256, whose matrices are too "
-                  "small to split across threads (and a second thread stalls every step whenever another process "
-                  "holds the other core: measured 2-10x slower on a shared 2-core machine), else PyTorch's default."},
+        metadata={"help": "CPU threads for PyTorch, per worker process. 0 (auto): 1 for networks of width <= 256, whose "
+                  "matrices are too small to split across threads (and a second thread stalls every step whenever "
+                  "another process holds the other core: measured 2-10x slower on a shared 2-core machine), else "
+                  "PyTorch's default."},
     )
 
 
 @dataclass
 class DataArguments:
-    """The data and which runs to do."""
+    """The data, the seeds, which runs to do and where."""
 
+    preset: str = field(
+        default="frontier",
+        metadata={"help": "A named recipe, i.e. flags put in front of the command line's own (which override them): "
+                  "'frontier' (the defaults: the depth ladder in ~10 min on 2 CPU cores), 'long' (depth 500, LBE, "
+                  "lr 1e-4 cosine, 4,000 steps: the recipe that learns, ~10 min per seed on one core), 'depth50' "
+                  "(depth 50, LBE, lr 1e-4 constant, 15,000 steps). See PRESETS in this script.",
+                  "choices": sorted(PRESETS)},
+    )
     dataset: str = field(
         default="digits",
         metadata={"help": "'digits': scikit-learn's bundled 8×8 digits (1,797 images, no download). Otherwise an "
@@ -107,7 +172,23 @@ class DataArguments:
         default=0.2,
         metadata={"help": "Fraction held out as the test set, for digits and for datasets without a 'test' split."},
     )
-    split_seed: int = field(default=42, metadata={"help": "Seed of the fixed train/test split (stratified for digits)."})
+    split_seed: int = field(
+        default=42,
+        metadata={"help": "Seed of the train/test split (stratified for digits) of the first seed; seed i uses "
+                  "split_seed + i."},
+    )
+    num_seeds: int = field(
+        default=3,
+        metadata={"help": "Seeds per run: seed i trains with --seed + i (initialization, batch order) on the split "
+                  "--split_seed + i. Tables and plots show the mean ± std (sample std) over them."},
+    )
+    workers: int = field(
+        default=0,
+        metadata={"help": "Processes that train independent runs side by side, longest first, one thread each. 0 "
+                  "(auto): one per two logical CPUs when each run uses one thread on the CPU, else 1 (on a 2-vCPU "
+                  "machine two workers gave no more steps per second than one, docs/vanilla.md). 1 runs everything "
+                  "in this process."},
+    )
     image_size: int | None = field(
         default=None,
         metadata={"help": "Resize images to this square size (default: keep the dataset's size; required for image "
@@ -117,7 +198,8 @@ class DataArguments:
     max_test_samples: int | None = field(default=None, metadata={"help": "Truncate the test set (quick runs)."})
     runs: str = field(
         default="baseline,lbe",
-        metadata={"help": "Comma-separated runs to do: 'baseline' (lbe_beta=0) and/or 'lbe' (the --lbe_* settings)."},
+        metadata={"help": "Comma-separated runs per depth and seed: 'baseline' (lbe_beta=0) and/or 'lbe' (the "
+                  "--lbe_* settings)."},
     )
     entropy_batch_size: int = field(
         default=512,
@@ -127,21 +209,17 @@ class DataArguments:
 
 @dataclass
 class VanillaTrainingArguments(BatchEntropyConfig):
-    """`BatchEntropyConfig` with defaults tuned for the depth-500 digits run (see docs/vanilla.md)."""
+    """`BatchEntropyConfig` with the frontier's defaults (see docs/vanilla.md)."""
 
     output_dir: str | None = field(default="vanilla_output", metadata={"help": "Where results.json and the PNG go."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak Adam learning rate (network weights and α)."})
     lr_scheduler_type: str = field(
         default="polynomial",
-        metadata={"help": "Learning-rate schedule. Default: polynomial decay of power 2, lr·(1 − t)², i.e. a high rate "
-                  "while LBE revives the layers front to back, then a falling one while the task is learned."},
+        metadata={"help": "Learning-rate schedule. Default: polynomial decay of power 2, lr·(1 − t)² (the power is "
+                  "set when --lr_scheduler_kwargs is not given): a high rate while LBE revives the layers front to "
+                  "back, then a falling one while the task is learned."},
     )
-    lr_scheduler_kwargs: dict | str | None = field(
-        default_factory=lambda: dict(DEFAULT_SCHEDULER_KWARGS),
-        metadata={"help": "Extra scheduler arguments (JSON). The default {\"power\": 2.0} applies to the polynomial "
-                  "schedule only and is dropped for other --lr_scheduler_type values."},
-    )
-    max_steps: int = field(default=1500, metadata={"help": "Optimizer steps per run (overrides num_train_epochs)."})
+    max_steps: int = field(default=400, metadata={"help": "Optimizer steps per run (overrides num_train_epochs)."})
     optim: str = field(default="adamw_torch_fused", metadata={"help": "Optimizer (fused AdamW: about a tenth faster steps on "
                        "CPU than the per-tensor loop over the 1,002 weight tensors)."})
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Training batch size (batch-entropy is "
@@ -272,13 +350,55 @@ def load_data(args: DataArguments, cache_dir: str | None = None):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class EntropyRecorder(TrainerCallback):
-    """Keeps the per-layer batch-entropies the trainer logs (`batch_entropy/layer_<i>`, window-averaged) per step."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Recording
+# ----------------------------------------------------------------------------------------------------------------------
 
-    def __init__(self):
+
+def effective_rank(h: torch.Tensor) -> float:
+    """exp of the entropy of the normalized squared singular values of the centred activations `h` (N, units):
+    1.0 when the batch varies along one direction only, `min(N, units)` at most."""
+    h = h.flatten(1).double()
+    h = h - h.mean(0, keepdim=True)
+    s = torch.linalg.svdvals(h) ** 2
+    if float(s.sum()) == 0.0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def hidden_states_of(model, dataset, batch_size: int, device: torch.device) -> list[torch.Tensor]:
+    """The hidden states (one `(n, ...)` tensor per hidden layer) of the first `batch_size` examples of `dataset`."""
+    n = min(batch_size, len(dataset))
+    batch = torch.stack([dataset[i]["pixel_values"] for i in range(n)]).to(device)
+    was_training = model.training
+    model.eval()
+    hidden = model(pixel_values=batch, output_hidden_states=True).hidden_states
+    model.train(was_training)
+    return list(hidden)
+
+
+def effective_ranks(hidden: list[torch.Tensor]) -> dict[str, float]:
+    """Effective rank of the hidden layers of `RANK_LAYERS` (1-based) that exist, keyed by layer number."""
+    return {str(layer): round(effective_rank(hidden[layer - 1]), 3) for layer in RANK_LAYERS if layer <= len(hidden)}
+
+
+class EntropyRecorder(TrainerCallback):
+    """Keeps the per-layer batch-entropies the trainer logs (`batch_entropy/layer_<i>`, window-averaged) per step, and
+    at every evaluation the test accuracy and loss, the seconds since training began, and the effective rank of a few
+    layers over the first `rank_examples` test examples (a forward pass without the RNG: training is unchanged)."""
+
+    def __init__(self, test_dataset=None, rank_examples: int = 512, label: str | None = None):
         self.steps: list[int] = []
         self.entropies: list[list[float]] = []
         self.evals: list[dict] = []
+        self.test_dataset, self.rank_examples, self.label = test_dataset, rank_examples, label
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -288,12 +408,24 @@ class EntropyRecorder(TrainerCallback):
         if layers:
             self.steps.append(state.global_step)
             self.entropies.append([v for _, v in layers])
-        if "eval_accuracy" in logs:
-            entry = {"step": state.global_step, "accuracy": logs["eval_accuracy"], "loss": logs.get("eval_loss")}
-            if self.evals and self.evals[-1]["step"] == entry["step"]:
-                self.evals[-1] = entry  # the final evaluate() of the same weights as the last in-training one
-            else:
-                self.evals.append(entry)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        metrics = metrics or {}
+        if "eval_accuracy" not in metrics:
+            return
+        entry = {"step": state.global_step, "accuracy": metrics["eval_accuracy"], "loss": metrics.get("eval_loss"),
+                 "time_s": round(time.perf_counter() - self.start, 2)}
+        if self.test_dataset is not None and model is not None:
+            entry["effective_rank"] = effective_ranks(
+                hidden_states_of(model, self.test_dataset, self.rank_examples, args.device))
+        if self.evals and self.evals[-1]["step"] == entry["step"]:
+            entry["time_s"] = self.evals[-1]["time_s"]  # the final evaluate() of the weights evaluated last in training
+            self.evals[-1] = entry
+        else:
+            self.evals.append(entry)
+        if self.label is not None:
+            print(f"[{self.label}] step {state.global_step}/{state.max_steps}: test accuracy "
+                  f"{100 * entry['accuracy']:.1f}% ({entry['time_s']:.0f} s)", flush=True)
 
 
 def _compact(logs: dict) -> dict:
@@ -337,7 +469,7 @@ class VanillaTrainer(BatchEntropyTrainer):
 
 
 def scheduler_name(args) -> str:
-    """`"linear"`, `"polynomial"`, ...: TrainingArguments turns the flag into a `SchedulerType` enum after parsing."""
+    """`"linear"`, `"cosine"`, ...: TrainingArguments turns the flag into a `SchedulerType` enum after parsing."""
     return getattr(args.lr_scheduler_type, "value", str(args.lr_scheduler_type))
 
 
@@ -347,63 +479,413 @@ def compute_accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
 
 
-@torch.no_grad()
-def final_entropies(model, dataset, batch_size: int, device: torch.device) -> list[float]:
-    """Per-layer batch-entropy of the trained model over one batch of (up to `batch_size`) test examples."""
-    n = min(batch_size, len(dataset))
-    batch = torch.stack([dataset[i]["pixel_values"] for i in range(n)]).to(device)
-    was_training = model.training
-    model.eval()
-    hidden = model(pixel_values=batch, output_hidden_states=True).hidden_states
-    model.train(was_training)
-    return batch_entropies(list(hidden)).tolist()
+# ----------------------------------------------------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def plot_entropy_heatmaps(results: list[dict], recorders: dict[str, EntropyRecorder], path: str) -> None:
-    """One panel per run: batch-entropy (colour) of every layer (y) over training steps (x)."""
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def provenance(argv: list[str], expanded: list[str]) -> dict:
+    """What produced a results.json: the command line as typed (`command`) and with the preset's flags expanded
+    (`argv`), the commit (`git rev-parse HEAD`) and whether tracked files differed from it (`dirty`), the library
+    versions, and the machine (platform, CPU model, logical CPUs, PyTorch threads per run)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    import sklearn
+
+    return {
+        "command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(os.path.abspath(__file__), REPO)] + argv),
+        "argv": expanded,
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": None if status is None else bool(status),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "hf_batch_entropy": hf_batch_entropy.__version__,
+                     "numpy": np.__version__, "scikit-learn": sklearn.__version__},
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: `kind` 'baseline' (β = 0), 'lbe' or 'ceiling' (shallow, He-initialized, β = 0), at `depth`,
+    with seed number `seed_index` (training seed `--seed + i`, split seed `--split_seed + i`)."""
+
+    kind: str
+    depth: int
+    seed_index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_depth{self.depth}_seed{self.seed_index}"
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VanillaTrainingArguments]:
+    """The three argument dataclasses from a command line whose preset flags are already expanded."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, VanillaTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_args.depth is not None:
+        model_args.depths = str(model_args.depth)
+    if scheduler_name(training_args) == "polynomial" and not training_args.lr_scheduler_kwargs:
+        training_args.lr_scheduler_kwargs = {"power": 2.0}  # the earlier default, lr·(1 − t)²
+    return model_args, data_args, training_args
+
+
+def expand_preset(argv: list[str]) -> list[str]:
+    """`--preset NAME` (or `--preset=NAME`) → the preset's flags, then the command line (whose flags win)."""
+    name = "frontier"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--preset="):
+            name = arg.split("=", 1)[1]
+    if name not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}.")
+    return PRESETS[name] + list(argv)
+
+
+def he_initialize(model: torch.nn.Module) -> None:
+    """He (Kaiming) normal weights for ReLU, std √(2/fan_in), and zero biases: the well-initialized ceiling."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+
+
+def reference_target_modules(arch: str, depth: int) -> list[str]:
+    """The layers the paper's reference implementation regularizes: the MLP's hidden layers 2…depth−1 (its FNN-500
+    regularizes the 498 middle ReLU outputs), the CNN's layers without the first convolution (`conv_in`)."""
+    if arch == "mlp":
+        if depth < 3:
+            raise ValueError("--lbe_layers reference leaves no layer to regularize below depth 3.")
+        return [f"layers.{i}" for i in range(1, depth - 1)]
+    return [f"layers.{i}" for i in range(1, depth)] + ["fc"]
+
+
+def setup_process(model_args: ModelArguments, training_args: VanillaTrainingArguments) -> None:
+    """Threads and subnormal flushing for this process (the main one or a worker)."""
+    if training_args.device.type != "cpu":
+        return
+    if model_args.flush_denormal:
+        # Deep vanilla networks produce subnormal floats, on which CPU arithmetic is slower (1.1-2.8x, docs/vanilla.md).
+        # Flushing them to zero changes values only below 1.2e-38. The trainers' callback repeats it every step.
+        flush_denormals()
+    torch.set_num_threads(resolve_threads(model_args))
+
+
+def resolve_threads(model_args: ModelArguments) -> int:
+    return model_args.torch_threads or (1 if model_args.width <= 256 else torch.get_num_threads())
+
+
+def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, dict]:
+    """Train one run; returns its result entry and its entropy record `{"steps": [...], "entropies": [[...]]}`.
+
+    Re-parses `argv` (the expanded command line) so that it runs the same in a worker process as in this one.
+    """
+    model_args, data_args, training_args = parse_arguments(argv)
+    if in_worker:
+        setup_process(model_args, training_args)
+        transformers.utils.logging.set_verbosity_error()
+    seed = training_args.seed + job.seed_index
+    split_seed = data_args.split_seed + job.seed_index
+    train_ds, test_ds, num_labels = load_data(dataclasses.replace(data_args, split_seed=split_seed))
+    sample = train_ds[0]["pixel_values"]
+    channels, size = sample.shape[0], sample.shape[-1]
+
+    beta = training_args.lbe_beta if job.kind == "lbe" else 0.0
+    targets = training_args.lbe_target_modules
+    if job.kind == "lbe" and model_args.lbe_layers == "reference":
+        targets = reference_target_modules(model_args.arch, job.depth)
+    run_dir = os.path.join(training_args.output_dir, job.name)
+    args = dataclasses.replace(training_args, output_dir=run_dir, lbe_beta=beta, seed=seed, data_seed=None,
+                               lbe_target_modules=targets)
+    # Same seed before building the model: the baseline and the LBE run of a depth and seed start from the same weights.
+    set_seed(seed)
+    model = build_vanilla_model(model_args.arch, job.depth, model_args.width, num_channels=channels, image_size=size,
+                                num_labels=num_labels, activation=model_args.activation)
+    if job.kind == "ceiling":
+        he_initialize(model)
+    # Fingerprint of the initial weights: equal for the baseline and the LBE run of a depth and seed.
+    init_checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    label = f"{job.kind} depth {job.depth} seed {job.seed_index}"
+    recorder = EntropyRecorder(test_ds, data_args.entropy_batch_size, label=label if in_worker else None)
+    callbacks = [recorder] + ([FlushDenormalsCallback()] if model_args.flush_denormal else [])
+    trainer = VanillaTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
+                             compute_metrics=compute_accuracy, callbacks=callbacks)
+    if in_worker:
+        trainer.pop_callback(ProgressCallback)
+        trainer.pop_callback(PrinterCallback)
+    else:
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(CompactProgressCallback)
+        if trainer.pop_callback(PrinterCallback) is not None:
+            trainer.add_callback(CompactPrinterCallback)
+    logger.info(f"=== {label}: lbe_beta={beta}, {model_args.arch} width {model_args.width}, seed {seed}, "
+                f"split seed {split_seed}")
+    start = time.perf_counter()
+    train_output = trainer.train()
+    train_time = time.perf_counter() - start
+    metrics = trainer.evaluate()
+    wall = time.perf_counter() - start
+    hidden = hidden_states_of(trainer.model, test_ds, data_args.entropy_batch_size, args.device)
+    entropies = batch_entropies(hidden).tolist()
+    task_logs = [h["task_loss"] for h in trainer.state.log_history if "task_loss" in h]
+    if os.path.isdir(run_dir) and not os.listdir(run_dir):
+        os.rmdir(run_dir)  # nothing was saved (save_strategy "no"): leave no empty folder behind
+    result = {
+        "run": job.kind, "name": job.name,
+        "model": f"vanilla {model_args.arch.upper()} depth {job.depth} width {model_args.width} "
+                 f"{model_args.activation} on {data_args.dataset}",
+        "arch": model_args.arch, "depth": job.depth, "width": model_args.width,
+        "activation": model_args.activation, "dataset": data_args.dataset,
+        "init": "he_normal" if job.kind == "ceiling" else "pytorch_default",
+        "lbe_beta": beta, "lbe_alpha": args.lbe_alpha, "lbe_alpha_min": args.lbe_alpha_min,
+        "lbe_alpha_learning_rate": args.lbe_alpha_learning_rate,
+        "lbe_layers": model_args.lbe_layers if job.kind == "lbe" else None,
+        "learning_rate": args.learning_rate, "lr_scheduler_type": scheduler_name(args),
+        "batch_size": args.per_device_train_batch_size, "seed_index": job.seed_index, "seed": seed,
+        "split_seed": split_seed, "init_checksum": init_checksum,
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
+        "test_accuracy": metrics["eval_accuracy"], "test_loss": metrics["eval_loss"],
+        "train_task_loss": task_logs[-1] if task_logs else None,
+        "train_loss": train_output.training_loss,
+        "num_layers": len(entropies),
+        "regularized_layers": len(recorder.entropies[-1]) if recorder.entropies else None,
+        "entropy_min": min(entropies), "entropy_mean": float(np.mean(entropies)),
+        "alive_layers": int(sum(h > DEAD_ENTROPY for h in entropies)),
+        "effective_rank_end": effective_ranks(hidden),
+        "entropies_end": entropies,
+        "eval_curve": recorder.evals,
+        "train_time_s": train_time, "wall_time_s": wall,
+        "device": str(args.device), "torch_threads": torch.get_num_threads(),
+        "flush_denormal": bool(model_args.flush_denormal and args.device.type == "cpu"),
+    }
+    return result, {"steps": recorder.steps, "entropies": recorder.entropies}
+
+
+def _worker_init(threads: int) -> None:
+    # Before torch starts its thread pool in the worker: one thread per worker process.
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Summary, table, pictures
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per run kind and depth: test accuracy mean and sample std over the seeds (std 0 for one seed), per-seed values,
+    alive layers and wall time (means)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["run"], r["depth"]), []).append(r)
+    order = {"ceiling": 0, "baseline": 1, "lbe": 2}
+    summary = []
+    for (kind, depth), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 3))):
+        acc = np.array([r["test_accuracy"] for r in sorted(runs, key=lambda r: r["seed_index"])])
+        summary.append({
+            "run": kind, "depth": depth, "seeds": len(runs),
+            "test_accuracy_mean": float(acc.mean()), "test_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "test_accuracy_per_seed": acc.tolist(),
+            "alive_layers_mean": float(np.mean([r["alive_layers"] for r in runs])), "num_layers": runs[0]["num_layers"],
+            "wall_time_s_mean": float(np.mean([r["wall_time_s"] for r in runs])),
+        })
+    return summary
+
+
+def _pct(mean: float, std: float, n: int) -> str:
+    return f"{100 * mean:.1f}%" + (f" ± {100 * std:.1f}" if n > 1 else "")
+
+
+def format_frontier_table(summary: list[dict]) -> str:
+    """depth | ceiling / baseline / LBE accuracy (mean ± std over seeds) | alive layers | seconds per run."""
+    kinds = [k for k in ("ceiling", "baseline", "lbe") if any(s["run"] == k for s in summary)]
+    header = ["run", "depth", "seeds", "test accuracy", "alive layers (end)", "wall time / run"]
+    cells = [header]
+    for s in sorted(summary, key=lambda s: (kinds.index(s["run"]), s["depth"])):
+        cells.append([s["run"], str(s["depth"]), str(s["seeds"]),
+                      _pct(s["test_accuracy_mean"], s["test_accuracy_std"], s["seeds"]),
+                      f"{s['alive_layers_mean']:.0f}/{s['num_layers']}", f"{s['wall_time_s_mean']:.0f} s"])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def interpret(summary: list[dict], steps: int | None = None) -> str:
+    """One or two sentences on what the frontier shows, written from the numbers: where the baseline falls to chance
+    (< 15% on ten classes), how deep LBE still learns, a depth where neither learns, and the ceiling."""
+    by = {(s["run"], s["depth"]): s for s in summary}
+    depths = sorted({s["depth"] for s in summary if s["run"] != "ceiling"})
+    chance = 0.15
+    budget = f"{steps} steps" if steps else "this budget"
+
+    def acc(s: dict) -> str:
+        return _pct(s["test_accuracy_mean"], s["test_accuracy_std"], s["seeds"])
+
+    first = []
+    dead = [d for d in depths if ("baseline", d) in by and by[("baseline", d)]["test_accuracy_mean"] < chance]
+    if dead:
+        first.append(f"Without LBE the network stays at chance (< {100 * chance:.0f}%) from depth {dead[0]} on")
+    elif any(("baseline", d) in by for d in depths):
+        first.append(f"Without LBE every depth up to {max(d for d in depths if ('baseline', d) in by)} learns")
+    learns = [d for d in depths if ("lbe", d) in by and by[("lbe", d)]["test_accuracy_mean"] >= chance]
+    rescued = [d for d in learns if d in dead]
+    if rescued:
+        first.append(f"with LBE it learns up to depth {rescued[-1]} ({acc(by[('lbe', rescued[-1])])})")
+    elif learns:
+        first.append(f"with LBE it learns up to depth {learns[-1]} ({acc(by[('lbe', learns[-1])])})")
+    stuck = [d for d in dead if ("lbe", d) in by and by[("lbe", d)]["test_accuracy_mean"] < chance]
+    sentence = "; ".join(first)
+    if stuck:
+        s = by[("lbe", stuck[-1])]
+        sentence += (f", but at depth {stuck[-1]} neither learns within {budget} (LBE has revived "
+                     f"{s['alive_layers_mean']:.0f} of its {s['num_layers']} layers by then)")
+    sentence = (sentence + ".") if sentence else ""
+    ceiling = next((s for s in summary if s["run"] == "ceiling"), None)
+    if ceiling is not None:
+        sentence += (f" A well-initialized {ceiling['depth']}-layer network reaches {acc(ceiling)} with the same "
+                     f"recipe: the distance to it is what {budget} leave the deep networks.")
+    return sentence.strip()
+
+
+def _heatmap_panels(fig, axes, records: list[tuple[str, dict]], title_suffix=lambda name: "") -> None:
+    """Per-layer batch-entropy (colour, log scale) of every layer (y) over training steps (x), one axis per record."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
+
+    values = np.concatenate([np.asarray(rec["entropies"]).ravel() for _, rec in records])
+    positive = values[values > 0]
+    vmax = float(positive.max()) if positive.size else 1.0
+    # Down to the "dead" threshold: a nearly dead network's few alive layers (1e-1 … 1e-12) still get colours.
+    vmin = max(float(positive.min()) if positive.size else DEAD_ENTROPY, DEAD_ENTROPY, vmax * 1e-16)
+    image = None
+    for ax, (name, rec) in zip(axes, records):
+        grid = np.clip(np.asarray(rec["entropies"]).T, vmin, None)  # (layers, logged steps)
+        steps = rec["steps"]
+        first = steps[0] - (steps[1] - steps[0] if len(steps) > 1 else steps[0])
+        image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", norm=LogNorm(vmin=vmin, vmax=vmax),
+                          interpolation="nearest", extent=(first, steps[-1], 0.5, grid.shape[0] + 0.5))
+        ax.set_title(name + title_suffix(name), fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("regularized / hidden layer (input → output)")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=list(axes), label="batch-entropy (nats per unit, log scale)")
+
+
+def plot_entropy_heatmaps(results: list[dict], records: dict[str, dict], path: str) -> bool:
+    """One panel per run of the first seed: batch-entropy (log colour) of every layer over training steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [r for r in results if recorders[r["run"]].entropies]
+    panels = [r for r in results if records[r["name"]]["entropies"] and r["seed_index"] == 0]
     if not panels:
         logger.warning("No per-layer entropies were logged (lbe_log_per_layer off, or fewer steps than logging_steps): no picture.")
-        return
-    vmax = max(max(max(row) for row in recorders[r["run"]].entropies) for r in panels)
-    from matplotlib.ticker import MaxNLocator
-
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.0), squeeze=False, constrained_layout=True)
-    image = None
-    for ax, r in zip(axes[0], panels):
-        rec = recorders[r["run"]]
-        grid = np.asarray(rec.entropies).T  # (layers, logged steps)
-        steps = rec.steps
-        first = steps[0] - (steps[1] - steps[0] if len(steps) > 1 else steps[0])
-        image = ax.imshow(
-            grid, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest",
-            extent=(first, steps[-1], 0.5, grid.shape[0] + 0.5),
-        )
-        ax.set_title(f"{r['run']} (β={r['lbe_beta']:g}): test acc {100 * r['test_accuracy']:.1f}%")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("hidden layer (input → output)")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(image, ax=axes[0].tolist(), label="batch-entropy (nats per unit)")
-    fig.suptitle(f"{results[0]['model']}\nper-layer batch-entropy over training", fontsize=11)
+    by_name = {r["name"]: r for r in panels}
+    _heatmap_panels(fig, axes[0], [(r["name"], records[r["name"]]) for r in panels],
+                    lambda n: f" (β={by_name[n]['lbe_beta']:g}): test acc {100 * by_name[n]['test_accuracy']:.1f}%")
+    fig.suptitle(f"{panels[0]['model']}\nper-layer batch-entropy over training", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_frontier(summary: list[dict], results: list[dict], records: dict[str, dict], path: str) -> None:
+    """Left: test accuracy against depth (log x), baseline and LBE, mean ± std over seeds, the ceiling as a band.
+    Right: per-layer batch-entropy over training of the deepest baseline/LBE pair of the first seed (log colours)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    deepest = max(s["depth"] for s in summary if s["run"] != "ceiling")
+    pair = [r for r in results if r["depth"] == deepest and r["seed_index"] == 0 and r["run"] in RUNS
+            and records[r["name"]]["entropies"]]
+    fig = plt.figure(figsize=(6 + 5 * len(pair), 5.0), constrained_layout=True)
+    grid = fig.add_gridspec(1, 1 + len(pair), width_ratios=[1.2] + [1] * len(pair))
+    ax = fig.add_subplot(grid[0, 0])
+    styles = {"baseline": dict(color="tab:gray", marker="o", label="without LBE (β = 0)"),
+              "lbe": dict(color="tab:blue", marker="s", label="with LBE")}
+    for kind, style in styles.items():
+        rows = sorted((s for s in summary if s["run"] == kind), key=lambda s: s["depth"])
+        if rows:
+            ax.errorbar([s["depth"] for s in rows], [100 * s["test_accuracy_mean"] for s in rows],
+                        yerr=[100 * s["test_accuracy_std"] for s in rows], capsize=4, **style)
+    ceiling = next((s for s in summary if s["run"] == "ceiling"), None)
+    if ceiling is not None:
+        mean, std = 100 * ceiling["test_accuracy_mean"], 100 * ceiling["test_accuracy_std"]
+        ax.axhline(mean, color="tab:green", ls="--", label=f"ceiling: {ceiling['depth']} layers, He init ({mean:.1f}%)")
+        ax.axhspan(mean - std, mean + std, color="tab:green", alpha=0.15)
+    ax.axhline(10, color="k", ls=":", lw=1, label="chance (10%)")
+    ax.set_xscale("log")
+    depths = sorted({s["depth"] for s in summary if s["run"] != "ceiling"})
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xticks(depths)
+    ax.set_xticklabels([str(d) for d in depths])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("depth (hidden layers, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    seeds = max(s["seeds"] for s in summary)
+    ax.set_title(f"trainability frontier ({seeds} seed{'s' if seeds > 1 else ''}"
+                 f"{', mean ± std' if seeds > 1 else ''})", fontsize=10)
+    ax.legend(fontsize=8, loc="center left")
+    if pair:
+        axes = [fig.add_subplot(grid[0, 1 + i]) for i in range(len(pair))]
+        by_name = {r["name"]: r for r in pair}
+        _heatmap_panels(fig, axes, [(r["name"], records[r["name"]]) for r in pair],
+                        lambda n: f": {100 * by_name[n]['test_accuracy']:.1f}%")
+    first = results[0]
+    model = first["model"].replace(f"depth {first['depth']} ", "")
+    fig.suptitle(f"{model}: {first['steps']} steps, lr {first['learning_rate']:g} {first['lr_scheduler_type']}",
+                 fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def format_table(results: list[dict]) -> str:
+    """The runs side by side (the single-depth report)."""
     rows = [
         ("run", lambda r: r["run"]),
+        ("seed", lambda r: str(r["seed_index"])),
         ("lbe_beta", lambda r: f"{r['lbe_beta']:g}"),
         ("test accuracy", lambda r: f"{100 * r['test_accuracy']:.1f}%"),
         ("test task loss", lambda r: f"{r['test_loss']:.4f}"),
         ("train task loss (last log)", lambda r: "-" if r["train_task_loss"] is None else f"{r['train_task_loss']:.4f}"),
-        ("entropy min (end)", lambda r: f"{r['entropy_min']:.4f}"),
-        ("entropy mean (end)", lambda r: f"{r['entropy_mean']:.4f}"),
+        ("entropy min (end)", lambda r: f"{r['entropy_min']:.4g}"),
+        ("entropy mean (end)", lambda r: f"{r['entropy_mean']:.4g}"),
         (f"alive layers (H > {DEAD_ENTROPY:g})", lambda r: f"{r['alive_layers']}/{r['num_layers']}"),
+        ("effective rank L1/L5/L10", lambda r: " / ".join(f"{r['effective_rank_end'][k]:.2f}" for k in ("1", "5", "10")
+                                                          if k in r["effective_rank_end"])),
         ("steps", lambda r: str(r["steps"])),
         ("wall time", lambda r: f"{r['wall_time_s']:.1f} s"),
     ]
@@ -419,117 +901,110 @@ def format_table(results: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def run_one(name: str, model_args: ModelArguments, data_args: DataArguments, training_args: VanillaTrainingArguments,
-            train_ds, test_ds, num_labels: int, image_shape: tuple[int, int]) -> tuple[dict, EntropyRecorder]:
-    beta = 0.0 if name == "baseline" else training_args.lbe_beta
-    args = dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, name), lbe_beta=beta)
-    # Same seed before building the model: both runs start from the same initialization.
-    set_seed(args.seed)
-    channels, size = image_shape
-    model = build_vanilla_model(model_args.arch, model_args.depth, model_args.width, num_channels=channels,
-                                image_size=size, num_labels=num_labels, activation=model_args.activation)
-    # Fingerprint of the initial weights: equal across runs, to show that they start from the same network.
-    init_checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
-    recorder = EntropyRecorder()
-    callbacks = [recorder] + ([FlushDenormalsCallback()] if model_args.flush_denormal else [])
-    trainer = VanillaTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
-                             compute_metrics=compute_accuracy, callbacks=callbacks)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(CompactProgressCallback)
-    if trainer.pop_callback(PrinterCallback) is not None:
-        trainer.add_callback(CompactPrinterCallback)
-    logger.info(f"=== run {name}: lbe_beta={beta}, {model_args.arch} depth {model_args.depth} width {model_args.width}")
-    start = time.perf_counter()
-    train_output = trainer.train()
-    train_time = time.perf_counter() - start
-    metrics = trainer.evaluate()
-    wall = time.perf_counter() - start
-    entropies = final_entropies(trainer.model, test_ds, data_args.entropy_batch_size, args.device)
-    task_logs = [h["task_loss"] for h in trainer.state.log_history if "task_loss" in h]
-    result = {
-        "run": name,
-        "model": f"vanilla {model_args.arch.upper()} depth {model_args.depth} width {model_args.width} "
-                 f"{model_args.activation} on {data_args.dataset}",
-        "arch": model_args.arch, "depth": model_args.depth, "width": model_args.width,
-        "activation": model_args.activation, "dataset": data_args.dataset,
-        "lbe_beta": beta, "lbe_alpha": args.lbe_alpha, "lbe_alpha_min": args.lbe_alpha_min,
-        "lbe_alpha_learning_rate": args.lbe_alpha_learning_rate,
-        "learning_rate": args.learning_rate, "lr_scheduler_type": scheduler_name(args),
-        "batch_size": args.per_device_train_batch_size, "seed": args.seed,
-        "init_checksum": init_checksum,
-        "steps": trainer.state.global_step, "epochs": trainer.state.epoch,
-        "test_accuracy": metrics["eval_accuracy"], "test_loss": metrics["eval_loss"],
-        "train_task_loss": task_logs[-1] if task_logs else None,
-        "train_loss": train_output.training_loss,
-        "num_layers": len(entropies),
-        "entropy_min": min(entropies), "entropy_mean": float(np.mean(entropies)),
-        "alive_layers": int(sum(h > DEAD_ENTROPY for h in entropies)),
-        "entropies_end": entropies,
-        "eval_curve": recorder.evals,
-        "train_time_s": train_time, "wall_time_s": wall,
-        "device": str(args.device), "torch_threads": torch.get_num_threads(),
-        "flush_denormal": bool(model_args.flush_denormal and args.device.type == "cpu"),
-    }
-    return result, recorder
+def plan_jobs(model_args: ModelArguments, data_args: DataArguments) -> list[Job]:
+    """Every run, longest first (deepest, LBE before baseline), so that parallel workers finish together."""
+    try:
+        depths = sorted({int(d) for d in model_args.depths.split(",") if d.strip()})
+    except ValueError as err:
+        raise ValueError(f"--depths must be comma-separated integers, got {model_args.depths!r}.") from err
+    if not depths or min(depths) < 1:
+        raise ValueError(f"--depths must list depths >= 1, got {model_args.depths!r}.")
+    runs = [r.strip() for r in data_args.runs.split(",") if r.strip()]
+    if not runs or any(r not in RUNS for r in runs):
+        raise ValueError(f"--runs must list 'baseline' and/or 'lbe', got {data_args.runs!r}.")
+    if data_args.num_seeds < 1:
+        raise ValueError(f"--num_seeds must be >= 1, got {data_args.num_seeds}.")
+    jobs = [Job(kind, depth, i) for depth in depths for i in range(data_args.num_seeds) for kind in runs]
+    if model_args.ceiling and len(depths) > 1:
+        jobs += [Job("ceiling", model_args.ceiling_depth, i) for i in range(data_args.num_seeds)]
+    return sorted(jobs, key=lambda j: (-j.depth, j.kind != "lbe", j.seed_index))
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, VanillaTrainingArguments))
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0]) as f:
+            argv = [x for k, v in json.load(f).items() for x in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
+    expanded = expand_preset(argv)
+    model_args, data_args, training_args = parse_arguments(expanded)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)])
+                        level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)], force=True)
     transformers.utils.logging.set_verbosity_warning()
-
-    runs = [r.strip() for r in data_args.runs.split(",") if r.strip()]
-    unknown = [r for r in runs if r not in RUNS]
-    if not runs or unknown:
-        raise ValueError(f"--runs must list 'baseline' and/or 'lbe', got {data_args.runs!r}.")
-    if scheduler_name(training_args) != "polynomial" and (
-        training_args.lr_scheduler_kwargs == DEFAULT_SCHEDULER_KWARGS
-    ):
-        # Our default kwargs belong to the default polynomial schedule; another schedule would reject `power`.
-        training_args.lr_scheduler_kwargs = {}
     if training_args.per_device_train_batch_size < 2:
         raise ValueError("Batch-entropy is a statistic over the batch: --per_device_train_batch_size must be >= 2.")
+    if model_args.lbe_layers == "reference" and training_args.lbe_target_modules is not None:
+        raise ValueError("--lbe_layers reference and --lbe_target_modules both choose the layers: give one.")
+    jobs = plan_jobs(model_args, data_args)
+    meta = provenance(argv, expanded)
 
-    if model_args.flush_denormal and training_args.device.type == "cpu":
-        # Deep vanilla networks produce subnormal floats, on which CPU arithmetic is slower (1.1-2.8x, docs/vanilla.md).
-        # Flushing them to zero changes values only below 1.2e-38. The trainers' callback repeats it every step.
-        flush_denormals()
-        logger.info("CPU: flushing subnormal floats to zero on every thread (--flush_denormal False to keep them).")
-
-    if training_args.device.type == "cpu":
-        threads = model_args.torch_threads or (1 if model_args.width <= 256 else torch.get_num_threads())
-        torch.set_num_threads(threads)
-        logger.info(f"CPU: {threads} PyTorch thread(s) (--torch_threads).")
-
-    train_ds, test_ds, num_labels = load_data(data_args)
-    sample = train_ds[0]["pixel_values"]
-    image_shape = (sample.shape[0], sample.shape[-1])
-    logger.info(f"data: {data_args.dataset}, {len(train_ds)} train / {len(test_ds)} test images of shape "
-                f"{tuple(sample.shape)}, {num_labels} classes")
+    cpu = training_args.device.type == "cpu"
+    threads = resolve_threads(model_args) if cpu else None
+    # Auto: one worker per two logical CPUs. On the project's 2-vCPU machine two single-thread depth-500 runs side by
+    # side took 275 ms per step each against 125-137 ms alone: no more steps per second than one (docs/vanilla.md).
+    workers = data_args.workers or (max(1, (os.cpu_count() or 1) // 2) if cpu and threads == 1 else 1)
+    workers = max(1, min(workers, len(jobs)))
+    meta["machine"].update(torch_threads_per_run=threads, workers=workers)
+    if cpu:
+        setup_process(model_args, training_args)
+        logger.info(f"CPU: {threads} PyTorch thread(s) per run (--torch_threads), {workers} worker process(es) "
+                    f"(--workers); subnormal floats {'flushed to zero' if model_args.flush_denormal else 'kept'}.")
+    logger.info(f"{len(jobs)} runs: depths {model_args.depths}, runs {data_args.runs}, {data_args.num_seeds} seed(s)"
+                + (f", ceiling depth {model_args.ceiling_depth}" if any(j.kind == "ceiling" for j in jobs) else ""))
     os.makedirs(training_args.output_dir, exist_ok=True)
+    results_path = os.path.join(training_args.output_dir, "results.json")
 
-    results, recorders = [], {}
-    for name in runs:
-        result, recorder = run_one(name, model_args, data_args, training_args, train_ds, test_ds, num_labels,
-                                   image_shape)
-        results.append(result)
-        recorders[name] = recorder
-        # Written after every run so that a long run interrupted later keeps what was measured.
-        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+    start = time.perf_counter()
+    results, records = [], {}
 
-    png = os.path.join(training_args.output_dir, "batch_entropy.png")
-    plot_entropy_heatmaps(results, recorders, png)
-    table = format_table(results)
-    print("\n" + table + "\n")
-    print(f"results: {os.path.join(training_args.output_dir, 'results.json')}\npicture: {png}")
-    return results
+    def write() -> dict:
+        ordered = sorted(results, key=lambda r: ({"ceiling": 0, "baseline": 1, "lbe": 2}[r["run"]], r["depth"],
+                                                 r["seed_index"]))
+        report = {"meta": {**meta, "total_wall_time_s": time.perf_counter() - start}, "summary": summarize(ordered),
+                  "runs": ordered}
+        # Written after every run so that a long job interrupted later keeps what was measured.
+        with open(results_path, "w") as f:
+            json.dump(report, f, indent=1)
+        return report
+
+    if workers == 1:
+        for job in jobs:
+            result, record = run_job(job, expanded)
+            results.append(result)
+            records[job.name] = record
+            write()
+    else:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP pool
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                    initargs=(threads or 1,)) as pool:
+            futures = {pool.submit(run_job, job, expanded, True): job for job in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                job = futures[future]
+                result, record = future.result()
+                results.append(result)
+                records[job.name] = record
+                logger.info(f"done {job.name}: test accuracy {100 * result['test_accuracy']:.1f}% in "
+                            f"{result['wall_time_s']:.0f} s")
+                write()
+    report = write()
+    ordered = report["runs"]
+    depths = sorted({r["depth"] for r in ordered if r["run"] != "ceiling"})
+    if len(depths) > 1:
+        picture = os.path.join(training_args.output_dir, "frontier.png")
+        plot_frontier(report["summary"], ordered, records, picture)
+    else:
+        picture = os.path.join(training_args.output_dir, "batch_entropy.png")
+        if not plot_entropy_heatmaps(ordered, records, picture):
+            picture = None
+    print()
+    if len(depths) == 1 and data_args.num_seeds == 1:
+        print(format_table(ordered))
+    else:
+        print(format_frontier_table(report["summary"]))
+        print("\n" + interpret(report["summary"], training_args.max_steps))
+    print(f"\ntotal wall time {report['meta']['total_wall_time_s']:.0f} s ({workers} worker(s))")
+    print(f"results: {results_path}" + (f"\npicture: {picture}" if picture else ""))
+    return report
 
 
 if __name__ == "__main__":
