@@ -43,11 +43,13 @@ __all__ = [
 REGULARIZER_WEIGHTS_NAME = "batch_entropy_regularizer.safetensors"
 REGULARIZER_CONFIG_NAME = "batch_entropy_regularizer.json"
 
-# The regularizer's settings, saved and read under the names of the `BatchEntropyConfig` fields they come from.
-SETTINGS = ("lbe_beta", "lbe_alpha", "lbe_alpha_min", "lbe_fused", "lbe_sync_entropy")
-# Keys of files written by hf-batch-entropy 0.1.0 before the settings took the config's names.
-_LEGACY_KEYS = {"beta": "lbe_beta", "alpha": "lbe_alpha", "alpha_min": "lbe_alpha_min", "fused": "lbe_fused",
-                "sync_entropy": "lbe_sync_entropy"}
+# The regularizer's settings: the `BatchEntropyConfig` field each comes from (the name it is saved and read under) →
+# the constructor argument (and, as the 0.1.0 files named them, the legacy key).
+SETTINGS = {"lbe_beta": "beta", "lbe_alpha": "alpha", "lbe_alpha_min": "alpha_min", "lbe_fused": "fused",
+            "lbe_sync_entropy": "sync_entropy"}
+_LEGACY_KEYS = {argument: field for field, argument in SETTINGS.items()}
+# Where the module keeps a constructor argument under another attribute name (`alpha` is the parameter itself).
+_ATTRIBUTES = {"alpha": "alpha_init"}
 # AdamW state tensors of `α`, stored in the safetensors file as `optimizer.<name>`.
 _OPTIMIZER_STATE = ("step", "exp_avg", "exp_avg_sq")
 
@@ -147,16 +149,8 @@ class BatchEntropyRegularizer(nn.Module):
     def from_config(cls, config: Any, num_layers: int, layer_names: Sequence[str] | None = None,
                     **kwargs) -> BatchEntropyRegularizer:
         """Build from a `BatchEntropyConfig`, or anything with the same `lbe_*` attributes (see `SETTINGS`)."""
-        return cls(
-            num_layers,
-            beta=config.lbe_beta,
-            alpha=config.lbe_alpha,
-            alpha_min=config.lbe_alpha_min,
-            fused=config.lbe_fused,
-            sync_entropy=config.lbe_sync_entropy,
-            layer_names=layer_names,
-            **kwargs,
-        )
+        settings = {argument: getattr(config, field) for field, argument in SETTINGS.items()}
+        return cls(num_layers, layer_names=layer_names, **settings, **kwargs)
 
     @property
     def num_layers(self) -> int:
@@ -286,7 +280,7 @@ class BatchEntropyRegularizer(nn.Module):
         settings = {
             "num_layers": self.num_layers,
             "layer_names": self.layer_names,
-            **dict(zip(SETTINGS, (self.beta, self.alpha_init, self.alpha_min, self.fused, self.sync_entropy))),
+            **{field: getattr(self, _ATTRIBUTES.get(argument, argument)) for field, argument in SETTINGS.items()},
         }
         if self.optimizer is not None:
             group = self.optimizer.param_groups[0]
