@@ -395,10 +395,10 @@ class EntropyRecorder(TrainerCallback):
         self.entropies: list[list[float]] = []
         self.evals: list[dict] = []
         self.test_dataset, self.rank_examples, self.label = test_dataset, rank_examples, label
-        self.start = time.perf_counter()
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -414,12 +414,15 @@ class EntropyRecorder(TrainerCallback):
         if "eval_accuracy" not in metrics:
             return
         entry = {"step": state.global_step, "accuracy": metrics["eval_accuracy"], "loss": metrics.get("eval_loss"),
-                 "time_s": round(time.perf_counter() - self.start, 2)}
+                 "time_s": round(time.perf_counter() - self.start, 2),
+                 "cpu_s": round(time.process_time() - self.start_cpu, 2)}
         if self.test_dataset is not None and model is not None:
-            entry["effective_rank"] = effective_ranks(
-                hidden_states_of(model, self.test_dataset, self.rank_examples, args.device))
+            hidden = hidden_states_of(model, self.test_dataset, self.rank_examples, args.device)
+            entry["effective_rank"] = effective_ranks(hidden)
+            entry["alive_layers"] = int((batch_entropies(hidden) > DEAD_ENTROPY).sum())
         if self.evals and self.evals[-1]["step"] == entry["step"]:
             entry["time_s"] = self.evals[-1]["time_s"]  # the final evaluate() of the weights evaluated last in training
+            entry["cpu_s"] = self.evals[-1]["cpu_s"]
             self.evals[-1] = entry
         else:
             self.evals.append(entry)
@@ -646,9 +649,9 @@ def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, d
             trainer.add_callback(CompactPrinterCallback)
     logger.info(f"=== {label}: lbe_beta={beta}, {model_args.arch} width {model_args.width}, seed {seed}, "
                 f"split seed {split_seed}")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     train_output = trainer.train()
-    train_time = time.perf_counter() - start
+    train_time, train_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     metrics = trainer.evaluate()
     wall = time.perf_counter() - start
     hidden = hidden_states_of(trainer.model, test_ds, data_args.entropy_batch_size, args.device)
@@ -680,7 +683,7 @@ def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, d
         "effective_rank_end": effective_ranks(hidden),
         "entropies_end": entropies,
         "eval_curve": recorder.evals,
-        "train_time_s": train_time, "wall_time_s": wall,
+        "train_time_s": train_time, "train_cpu_s": train_cpu, "wall_time_s": wall,
         "device": str(args.device), "torch_threads": torch.get_num_threads(),
         "flush_denormal": bool(model_args.flush_denormal and args.device.type == "cpu"),
     }
