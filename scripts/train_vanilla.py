@@ -249,14 +249,23 @@ class VanillaTrainingArguments(BatchEntropyConfig):
 class ImageTensorDataset(Dataset):
     """Images `(N, C, S, S)` (uint8 or float) and labels `(N,)`; normalized on access: `(x − mean_c) / std_c`."""
 
+    # Sets up to this size (bytes as float32) are normalized once, up front, instead of at every access (~1 ms per
+    # training batch of 128 digits); same values (elementwise float32 operations either way).
+    PRECOMPUTE_BYTES = 256 * 2**20
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
         self.images, self.labels = images, labels
         self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+        self.normalized = None
+        if images.numel() * 4 <= self.PRECOMPUTE_BYTES:
+            self.normalized = (images.float() - self.mean) / self.std
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.normalized is not None:
+            return {"pixel_values": self.normalized[i], "labels": self.labels[i]}
         x = (self.images[i].float() - self.mean) / self.std
         return {"pixel_values": x, "labels": self.labels[i]}
 
@@ -470,6 +479,10 @@ class VanillaTrainer(BatchEntropyTrainer):
         finally:
             self.args.dataloader_drop_last = drop_last
 
+    def train(self, *args, **kwargs):
+        self._num_parameters = self._clip_parameters = None
+        return super().train(*args, **kwargs)
+
     # The hot path of a deep, narrow network: Trainer's per-step bookkeeping walks the ~1,500 submodules of a
     # depth-500 MLP several times per step. Both overrides below give the same numbers bit for bit.
 
@@ -488,7 +501,9 @@ class VanillaTrainer(BatchEntropyTrainer):
         `clip_grads_with_norm_` scales them when the norm is above the limit."""
         if self.accelerator.num_processes > 1 or self.accelerator.scaler is not None or model is not self.model:
             return super()._clip_grad_norm(model)
-        parameters = [p for p in model.parameters() if p.grad is not None]
+        if getattr(self, "_clip_parameters", None) is None:  # listed once per train(): the walk costs ~1 ms a step
+            self._clip_parameters = list(model.parameters())
+        parameters = [p for p in self._clip_parameters if p.grad is not None]
         max_norm = float(self.args.max_grad_norm)
         total = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0)
         # torch: clip_coef = max_norm / (total + 1e-6), clamped at 1; a factor of exactly 1 leaves the gradients as they are.
