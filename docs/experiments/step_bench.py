@@ -75,15 +75,24 @@ def bench_bare(depth: int, width: int, steps: int, clip: bool) -> dict:
 
     for _ in range(5):
         step()
+    cpu_steps = []
     cpu, wall = _clock()
     for _ in range(steps):
+        begin = time.process_time()
         step()
+        cpu_steps.append(time.process_time() - begin)
     cpu_end, wall_end = _clock()
     return {"steps": steps, "cpu_ms_per_step": 1000 * (cpu_end - cpu) / steps,
-            "wall_ms_per_step": 1000 * (wall_end - wall) / steps}
+            "wall_ms_per_step": 1000 * (wall_end - wall) / steps, **_spread(cpu_steps)}
 
 
-def bench_main(repo: str, depth: int, width: int, steps: int, out_dir: str) -> dict:
+def _spread(cpu_steps: list[float]) -> dict:
+    """Median and fastest step (CPU ms): on a shared machine the fastest is the least disturbed by other processes."""
+    ordered = sorted(cpu_steps)
+    return {"cpu_ms_step_median": 1000 * ordered[len(ordered) // 2], "cpu_ms_step_min": 1000 * ordered[0]}
+
+
+def bench_main(repo: str, depth: int, width: int, steps: int, out_dir: str, extra: list[str]) -> dict:
     from transformers import TrainerCallback
 
     spec = importlib.util.spec_from_file_location("train_vanilla_bench", os.path.join(repo, "scripts", "train_vanilla.py"))
@@ -119,7 +128,7 @@ def bench_main(repo: str, depth: int, width: int, steps: int, out_dir: str) -> d
 
     tv.VanillaTrainer = Timed
     argv = ["--depths", str(depth), "--runs", "lbe", "--num_seeds", "1", "--no_ceiling", "--workers", "1",
-            "--width", str(width), "--max_steps", str(steps), "--disable_tqdm", "true", "--output_dir", out_dir]
+            "--width", str(width), "--max_steps", str(steps), "--disable_tqdm", "true", "--output_dir", out_dir] + extra
     expanded = tv.expand_preset(argv)
     model_args, _, training_args = tv.parse_arguments(expanded)
     tv.setup_process(model_args, training_args)
@@ -131,7 +140,7 @@ def bench_main(repo: str, depth: int, width: int, steps: int, out_dir: str) -> d
     return {
         "steps": result["steps"], "argv": argv, "train_cpu_s": train_cpu, "train_wall_s": train_wall,
         "cpu_ms_per_step": 1000 * train_cpu / result["steps"], "wall_ms_per_step": 1000 * train_wall / result["steps"],
-        "optimizer_step_cpu_ms": 1000 * sum(step_cpu) / len(step_cpu),
+        "optimizer_step_cpu_ms": 1000 * sum(step_cpu) / len(step_cpu), **_spread(step_cpu),
         "between_steps_cpu_ms_mean": 1000 * sum(between) / len(between),
         "between_steps_cpu_ms_max": 1000 * max(between),
         "test_accuracy": result["test_accuracy"], "test_loss": result["test_loss"],
@@ -146,6 +155,8 @@ def main() -> None:
     parser.add_argument("--modes", default="bare,bare_clip,main")
     parser.add_argument("--bare_steps", type=int, default=30, help="bare-loop steps per width (after 5 warm-up steps)")
     parser.add_argument("--main_steps", default="64:200,256:60", help="main-job steps per width, WIDTH:STEPS,...")
+    parser.add_argument("--main_args", default="", help="more flags for the main job's run (e.g. its --eval_steps: "
+                        "by default it evaluates every tenth of --main_steps, far more often than a long run)")
     parser.add_argument("--out", default=None, help="JSON to write")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. the measurement condition)")
     args = parser.parse_args()
@@ -166,19 +177,20 @@ def main() -> None:
         for mode in args.modes.split(","):
             if mode == "main":
                 out_dir = os.path.join("/tmp", f"step_bench_main_{os.getpid()}_{width}")
-                r = bench_main(repo, args.depth, width, main_steps.get(width, 100), out_dir)
+                r = bench_main(repo, args.depth, width, main_steps.get(width, 100), out_dir, shlex.split(args.main_args))
             else:
                 r = bench_bare(args.depth, width, args.bare_steps, clip=mode == "bare_clip")
             r.update(mode=mode, width=width, depth=args.depth)
             results.append(r)
-            print(f"width {width:4d} {mode:10s} {r['cpu_ms_per_step']:8.1f} ms CPU/step  "
+            print(f"width {width:4d} {mode:10s} {r['cpu_ms_per_step']:8.1f} ms CPU/step (step median "
+                  f"{r['cpu_ms_step_median']:.1f}, fastest {r['cpu_ms_step_min']:.1f})  "
                   f"{r['wall_ms_per_step']:8.1f} ms wall/step", flush=True)
     for width in sorted({r["width"] for r in results}):
         by = {r["mode"]: r for r in results if r["width"] == width}
-        if "main" in by and "bare" in by:
-            by["main"]["ratio_to_bare"] = by["main"]["cpu_ms_per_step"] / by["bare"]["cpu_ms_per_step"]
-        if "main" in by and "bare_clip" in by:
-            by["main"]["ratio_to_bare_clip"] = by["main"]["cpu_ms_per_step"] / by["bare_clip"]["cpu_ms_per_step"]
+        for ref in ("bare", "bare_clip"):
+            if "main" in by and ref in by:
+                by["main"][f"ratio_to_{ref}"] = by["main"]["cpu_ms_per_step"] / by[ref]["cpu_ms_per_step"]
+                by["main"][f"ratio_to_{ref}_fastest_step"] = by["main"]["cpu_ms_step_min"] / by[ref]["cpu_ms_step_min"]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.lower().startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     status = _git(repo, "status", "--porcelain", "--untracked-files=no")
