@@ -183,8 +183,8 @@ class VanillaMLPForImageClassification(VanillaMLPPreTrainedModel):
                 f"pixel_values of shape {tuple(pixel_values.shape)}."
             )
         hidden_states: list[torch.Tensor] | None = [] if output_hidden_states else None
-        # Layers without hooks skip the module calls (~10 µs of Python per layer, 5 ms per forward at depth 500): same
-        # operations, same results bit for bit. Hooked layers (e.g. LBE's forward-hook capture) and gradient
+        # Layers without hooks skip the module calls (~2 µs of Python per layer, ~1 ms of a ~15-19 ms forward at depth
+        # 500 and width 64, measured): same operations, same results bit for bit. Hooked layers (e.g. LBE's forward-hook capture) and gradient
         # checkpointing go through the modules.
         direct = not (self.gradient_checkpointing and self.training) and not _global_module_hooks()
         for layer in self.layers:
