@@ -22,7 +22,8 @@ import transformers
 from transformers import AutoModel, AutoTokenizer
 
 import hf_batch_entropy
-from hf_batch_entropy import BatchEntropyRegularizer, bundled_minilm_path, load_glue_files
+from hf_batch_entropy import BatchEntropyRegularizer
+from hf_batch_entropy.glue import bundled_minilm_path, load_glue_files
 from hf_batch_entropy.capture import padding_masks
 
 
