@@ -53,10 +53,8 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +67,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from transformers.utils import logging as hf_logging
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
+from hf_batch_entropy.provenance import cpu_model, provenance
 from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
 
 CPU_CASES = ("minilm", "mlp256")
@@ -469,13 +468,11 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.device == "cuda":
         device_name = torch.cuda.get_device_name()
     else:
-        device_name = _cpu_name()
+        device_name = f"{cpu_model()} ({os.cpu_count()} cores)"
     meta = {
+        **provenance(sys.argv, torch_threads=torch.get_num_threads(), world_size=WORLD_SIZE),
         "device": opts.device,
         "device_name": device_name,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "world_size": WORLD_SIZE,
         "flush_denormal": opts.device == "cpu",
         "flush_denormal_openmp_pool": flushed_pool,
         "bf16": opts.bf16,
@@ -484,13 +481,6 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": opts.warmup,
         "rounds": opts.rounds,
         "clock": opts.clock,
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "accelerate": __import__("accelerate").__version__,
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     log(
         f"{device_name}; torch {torch.__version__}, {torch.get_num_threads()} threads, {WORLD_SIZE} process(es); "
@@ -523,16 +513,6 @@ def _write(path: str | None, data: dict) -> bool:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     return True
-
-
-def _cpu_name() -> str:
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.MULTILINE)
-            if match:
-                name = match.group(1).strip()
-    return f"{name} ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

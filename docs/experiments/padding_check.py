@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 
 import torch
-import transformers
 from transformers import AutoModel, AutoTokenizer
 
-import hf_batch_entropy
 from hf_batch_entropy import BatchEntropyRegularizer
 from hf_batch_entropy.glue import bundled_minilm_path, load_glue_files
+from hf_batch_entropy.provenance import provenance
 from hf_batch_entropy.capture import padding_masks
 
 
@@ -59,24 +56,12 @@ def main() -> dict:
         print(f"{key:48s} batch-entropy mean {row['batch_entropy_mean']:.4f}   LBE loss {row['lbe_loss']:.5f}")
     result = {
         "rows": rows,
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "hf_batch_entropy": hf_batch_entropy.__version__},
-        "machine": {"platform": platform.platform(), "processor": _cpu()},
+        **provenance(sys.argv),
     }
     if cli.output:
         with open(cli.output, "w") as f:
             json.dump(result, f, indent=1)
     return result
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":
