@@ -623,7 +623,12 @@ def test_push_to_hub_uploads_an_ordinary_model_with_card_and_regularizer(tmp_pat
             shutil.copytree(folder_path, hub / repo_id, ignore=ignored)
             return SimpleNamespace(commit_url=f"local://{repo_id}")
 
-    monkeypatch.setattr(trainer_module, "hf_api", lambda: LocalHub())
+    local_hub = LocalHub()
+    if hasattr(trainer_module, "hf_api"):  # transformers >= 5.x: one client
+        monkeypatch.setattr(trainer_module, "hf_api", lambda: local_hub)
+    else:  # transformers 5.0: the functions
+        monkeypatch.setattr(trainer_module, "create_repo", local_hub.create_repo)
+        monkeypatch.setattr(trainer_module, "upload_folder", lambda **kwargs: local_hub.upload_folder(**kwargs))
     tokenizer = word_tokenizer()
     args = make_args(tmp_path, lbe_beta=0.5, save_strategy="steps", save_steps=2, hub_model_id="tiny-lbe")
     trainer = BatchEntropyTrainer(model=tiny_bert(), args=args,
