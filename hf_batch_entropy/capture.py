@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import REGEX_PREFIX
+from .config import REGEX_PREFIX, TargetModules
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def default_target_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
-def resolve_target_modules(model: nn.Module, targets: Any) -> list[tuple[str, nn.Module]]:
+def resolve_target_modules(model: nn.Module, targets: TargetModules) -> list[tuple[str, nn.Module]]:
     """The `(name, module)` pairs of `model` selected by `targets`, in `named_modules()` order.
 
     `targets` is, as PEFT's `target_modules`: `None` (the defaults, see `default_target_modules`); a string, taken as
