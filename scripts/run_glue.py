@@ -537,3 +537,5 @@ def _mp_fn(index: int) -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # several processes: end cleanly (DeepSpeed ZeRO-3 aborts otherwise)
+        torch.distributed.destroy_process_group()
