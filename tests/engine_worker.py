@@ -11,7 +11,9 @@ Parts (`--parts`, in this order, in the same processes):
 
 - `full`: 6 optimizer steps, a checkpoint at step 3, then `save_model()` into `<out>/full`;
 - `resume`: a new trainer resumes `<out>/full/checkpoint-3` and trains steps 4-6 into `<out>/resume`;
-- `plain`: the same run with plain `transformers.Trainer` (the control: the engine runs without LBE too).
+- `plain`: the same run with plain `transformers.Trainer` (the control: the engine runs without LBE too);
+- `llama`: a tiny `LlamaForCausalLM` (a decoder with untied embeddings and a final norm, as for SFT), 2 steps, then
+  `save_model()` into `<out>/llama`: the configuration's wrapping and saving work beyond BERT.
 
 Each part writes `<out>/<part>.rank<r>.pt`: per training step the entropies and losses the regularizer computed, `α`
 after every optimizer step, what the engine is (distributed type, ZeRO stage, DTensor parameters), and on rank 0 the
@@ -36,7 +38,7 @@ MAX_STEPS = 6
 CHECKPOINT_STEP = 3
 
 
-def training_arguments(output_dir: str, use_cpu: bool, plain: bool = False) -> TrainingArguments:
+def training_arguments(output_dir: str, use_cpu: bool, plain: bool = False, **overrides) -> TrainingArguments:
     kwargs = dict(
         output_dir=output_dir,
         per_device_train_batch_size=PER_DEVICE_BATCH,
@@ -55,6 +57,7 @@ def training_arguments(output_dir: str, use_cpu: bool, plain: bool = False) -> T
         average_tokens_across_devices=False,
         seed=42,
     )
+    kwargs.update(overrides)
     if plain:
         return TrainingArguments(**kwargs)
     return BatchEntropyConfig(
@@ -97,13 +100,33 @@ def engine_facts(trainer: Trainer) -> dict:
     return facts
 
 
+class ToyCausalLMDataset(ToyTextDataset):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**super().__getitem__(i), "labels": self.input_ids[i]}
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
 def run(part: str, out: str, use_cpu: bool) -> dict:
     plain = part == "plain"
     output_dir = os.path.join(out, part)
-    args = training_arguments(output_dir, use_cpu, plain=plain)
+    overrides = {"max_steps": 2, "save_strategy": "no"} if part == "llama" else {}
+    args = training_arguments(output_dir, use_cpu, plain=plain, **overrides)
     recorder = Recorder()
     trainer_class = Trainer if plain else BatchEntropyTrainer
-    trainer = trainer_class(model=tiny_bert(), args=args, train_dataset=ToyTextDataset(), callbacks=[recorder])
+    model, data = tiny_bert(), ToyTextDataset()
+    if part == "llama":
+        model, data = tiny_llama(), ToyCausalLMDataset()
+    trainer = trainer_class(model=model, args=args, train_dataset=data, callbacks=[recorder])
     recorder.trainer = trainer
     if plain:
         recorder.on_step_end = lambda *a, **k: None  # no α
@@ -147,7 +170,7 @@ def skip_deepspeed_shm_build() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--parts", nargs="+", default=["full", "resume"], choices=["full", "resume", "plain"])
+    parser.add_argument("--parts", nargs="+", default=["full", "resume"], choices=["full", "resume", "plain", "llama"])
     parser.add_argument("--use_cpu", action="store_true", help="TrainingArguments.use_cpu (gloo on CPU)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
