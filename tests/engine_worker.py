@@ -4,8 +4,9 @@ whatever engine the launcher chose (DDP, FSDP2, DeepSpeed ZeRO-2/3), run the way
     accelerate launch --config_file <bundled config> --num_processes 2 tests/engine_worker.py --out DIR --use_cpu
 
 The engine comes from the launch alone (Accelerate's environment variables), not from the script. `--use_cpu` is
-`TrainingArguments.use_cpu`: the processes train on CPU with gloo. For FSDP2 on CPU the test puts the test-only shim
-`tests/fsdp_cpu_shim.py` into the processes (see its docstring); on GPUs nothing of the kind is needed.
+`TrainingArguments.use_cpu`: the processes train on CPU with gloo. For FSDP2 on CPU the test sets
+`HF_BATCH_ENTROPY_TEST_FSDP_CPU=1` and the script installs the test-only shim `tests/fsdp_cpu_shim.py` (see its
+docstring); on GPUs nothing of the kind is needed. `--bf16` instead of `--use_cpu` on GPUs (`scripts/gpu_check.sh`).
 
 Parts (`--parts`, in this order, in the same processes):
 
@@ -116,10 +117,11 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
-def run(part: str, out: str, use_cpu: bool) -> dict:
+def run(part: str, out: str, use_cpu: bool, bf16: bool = False) -> dict:
     plain = part == "plain"
     output_dir = os.path.join(out, part)
     overrides = {"max_steps": 2, "save_strategy": "no"} if part == "llama" else {}
+    overrides["bf16"] = bf16
     args = training_arguments(output_dir, use_cpu, plain=plain, **overrides)
     recorder = Recorder()
     trainer_class = Trainer if plain else BatchEntropyTrainer
@@ -172,11 +174,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", nargs="+", default=["full", "resume"], choices=["full", "resume", "plain", "llama"])
     parser.add_argument("--use_cpu", action="store_true", help="TrainingArguments.use_cpu (gloo on CPU)")
+    parser.add_argument("--bf16", action="store_true", help="TrainingArguments.bf16 (GPUs)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if os.environ.get("HF_BATCH_ENTROPY_TEST_FSDP_CPU") == "1":
+        import fsdp_cpu_shim  # this script's folder is on sys.path
+
+        fsdp_cpu_shim.install()
     skip_deepspeed_shm_build()
     for part in args.parts:
-        result = run(part, args.out, args.use_cpu)
+        result = run(part, args.out, args.use_cpu, args.bf16)
         torch.save(result, os.path.join(args.out, f"{part}.rank{result['rank']}.pt"))
         gc.collect()  # the finished trainer (its engine and the engine's threads) goes now, not at interpreter exit
     if torch.distributed.is_initialized():

@@ -19,9 +19,8 @@ warning and `Trainer(fsdp=...)` or `accelerate launch --config_file fsdp.yaml` t
 own code (`fsdp2_prepare_model`, `fully_shard` on a CPU device mesh, DTensor parameters, the optimizer's switch to
 the sharded parameters, `get_state_dict`, `save_fsdp_model` / `load_fsdp_model`).
 
-Installed in a training process either by calling `install()` before the `Trainer` (its `TrainingArguments`) is
-created, or, for a script run unchanged under `accelerate launch`, by putting `tests/fsdp_cpu_shim_site` on
-`PYTHONPATH` with `HF_BATCH_ENTROPY_TEST_FSDP_CPU=1` (its `sitecustomize.py` calls `install()` at start-up).
+Installed by calling `install()` in the training process before the `Trainer` (its `TrainingArguments`) is created;
+`tests/engine_worker.py` does so when `HF_BATCH_ENTROPY_TEST_FSDP_CPU=1`.
 
 This is a test fixture, not part of the package: on GPUs Accelerate keeps the plugin by itself.
 """
