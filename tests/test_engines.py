@@ -106,6 +106,8 @@ def _report(name: str, **figures: float) -> None:
 
         data = json.loads(Path(REPORT).read_text()) if Path(REPORT).is_file() else {}
         data[name] = {**figures, "device": DEVICE, "torch": torch.__version__}
+        if DEVICE == "cuda":
+            data[name]["card"] = torch.cuda.get_device_name(0)
         Path(REPORT).write_text(json.dumps(data, indent=2) + "\n")
 
 
