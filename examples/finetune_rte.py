@@ -53,8 +53,4 @@ trainer.train()
 print(trainer.evaluate())
 print("learned targets α:", [round(a, 3) for a in trainer.regularizer.alpha.tolist()])  # embeddings + 6 layers
 trainer.save_model()  # an ordinary Transformers model, plus α in batch_entropy_regularizer.*; or trainer.push_to_hub()
-
-import torch  # noqa: E402
-
-if torch.distributed.is_initialized():  # several processes: end cleanly (DeepSpeed ZeRO-3 aborts otherwise)
-    torch.distributed.destroy_process_group()
+trainer.accelerator.end_training()  # launched on several processes: ends the process group (ZeRO-3 needs it)

@@ -74,6 +74,4 @@ trainer.train()
 print(f"depth {cli.depth}, lbe_beta {cli.lbe_beta}: test accuracy {trainer.evaluate()['eval_accuracy']:.3f}")
 print(f"{trainer.regularizer.num_layers} ReLU outputs regularized; learned targets α from "
       f"{trainer.regularizer.alpha.min().item():.2f} to {trainer.regularizer.alpha.max().item():.2f}")
-
-if torch.distributed.is_initialized():  # several processes: end cleanly (DeepSpeed ZeRO-3 aborts otherwise)
-    torch.distributed.destroy_process_group()
+trainer.accelerator.end_training()  # launched on several processes: ends the process group (ZeRO-3 needs it)
