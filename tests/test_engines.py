@@ -239,6 +239,7 @@ def test_final_folder_loads_with_plain_transformers(launched, engine):
             continue
         model = AutoModelForSequenceClassification.from_pretrained(run["out"] / part)
         assert type(model).__name__ == "BertForSequenceClassification"
+        assert model.config.architectures == ["BertForSequenceClassification"]  # not the engine's wrapper class
         loaded = model.state_dict()
         trained = run[part][0]["state_dict"]  # gathered from the engine on the main process
         assert set(trained) <= set(loaded)
