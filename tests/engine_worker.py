@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     for part in args.parts:
         result = run(part, args.out, args.use_cpu, args.bf16)
         torch.save(result, os.path.join(args.out, f"{part}.rank{result['rank']}.pt"))
-        gc.collect()  # the finished trainer (its engine and the engine's threads) goes now, not at interpreter exit
+        # Free the finished trainer and its engine now, while the process group exists: with two ZeRO-3 engines left
+        # to the interpreter's shutdown a process sometimes aborted there ("terminate called without an active
+        # exception") even after destroy_process_group().
+        gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -3,21 +3,20 @@
 Accelerate keeps the FSDP plugin only for GPU-like distributed types: in `accelerate/state.py`
 (`AcceleratorState.__init__`, accelerate 1.15 about line 985) the branch
 
-    elif self.distributed_type in [DistributedType.MULTI_GPU, DistributedType.MULTI_MLU, ..., DistributedType.MULTI_NEURON]:
+    elif self.distributed_type in [DistributedType.MULTI_GPU, ..., DistributedType.MULTI_NEURON]:
         ...
         if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or fsdp_plugin is not None) ...:
             self.distributed_type = DistributedType.FSDP
             ...
             self.fsdp_plugin = fsdp_plugin
-            # As the end of AcceleratorState.__init__ does: later AcceleratorState() calls copy PartialState's state.
-            PartialState._shared_state["distributed_type"] = self.distributed_type
 
-does not list `DistributedType.MULTI_CPU` (and the last line of `__init__`,
-`PartialState._shared_state["distributed_type"] = self.distributed_type`, then records MULTI_CPU), so on CPU processes (`use_cpu=True`, gloo) the plugin is dropped without a
-warning and `Trainer(fsdp=...)` or `accelerate launch --config_file fsdp.yaml` trains as plain DDP. `install()` wraps
-`AcceleratorState.__init__` and redoes that branch for `MULTI_CPU`; everything after it is Accelerate's and torch's
-own code (`fsdp2_prepare_model`, `fully_shard` on a CPU device mesh, DTensor parameters, the optimizer's switch to
-the sharded parameters, `get_state_dict`, `save_fsdp_model` / `load_fsdp_model`).
+does not list `DistributedType.MULTI_CPU`, so on CPU processes (`use_cpu=True`, gloo) the plugin is dropped without a
+warning, the last line of `__init__` (`PartialState._shared_state["distributed_type"] = self.distributed_type`)
+records MULTI_CPU, and `Trainer(fsdp=...)` or `accelerate launch --config_file fsdp.yaml` trains as plain DDP.
+`install()` wraps `AcceleratorState.__init__` and redoes that branch, and that last line, for `MULTI_CPU`; everything
+after it is Accelerate's and torch's own code (`fsdp2_prepare_model`, `fully_shard` on a CPU device mesh, DTensor
+parameters, the optimizer's switch to the sharded parameters, `get_state_dict`, `save_fsdp_model` /
+`load_fsdp_model`).
 
 Installed by calling `install()` in the training process before the `Trainer` (its `TrainingArguments`) is created;
 `tests/engine_worker.py` does so when `HF_BATCH_ENTROPY_TEST_FSDP_CPU=1`.
