@@ -151,7 +151,9 @@ def run(part: str, out: str, use_cpu: bool, bf16: bool = False) -> dict:
         "log_history": trainer.state.log_history,
         "global_step": trainer.state.global_step,
         "state_dict": (
-            {k: v.detach().cpu().clone() for k, v in state_dict.items()} if trainer.accelerator.is_main_process else None
+            {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+            if trainer.accelerator.is_main_process
+            else None
         ),
     }
     trainer.accelerator.wait_for_everyone()
