@@ -21,7 +21,8 @@ more, `HF_BATCH_ENTROPY_TEST_ENGINE_DEVICE=cuda` runs the same tests with NCCL a
 DeepSpeed needs the `[deepspeed]` extra (`DS_BUILD_OPS=0 pip install "hf-batch-entropy[deepspeed]"`, as `.ci/setup`
 does). The bundled MLP/CNN models are not run here: they fail under FSDP2 (see docs/distributed.md).
 
-Six launches of 2 processes, one at a time; under 2 minutes on 2 busy CPU cores, most of it process start-up.
+Four 2-process launches and one pair of 1-process launches (the two "machines"); under 2 minutes on 2 busy CPU
+cores, most of it process start-up.
 """
 
 from __future__ import annotations
