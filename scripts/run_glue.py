@@ -341,3 +341,5 @@ if __name__ == "__main__":
     except (UsageError, GlueDataError) as err:
         print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if torch.distributed.is_initialized():  # several processes: end cleanly (DeepSpeed ZeRO-3 aborts otherwise)
+        torch.distributed.destroy_process_group()
