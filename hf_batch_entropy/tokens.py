@@ -11,6 +11,8 @@ three layouts, and `TokenLayout.views` turns each into `(S, T', ...)` activation
   lengths), `seq_idx` (the sequence of each token) or `position_ids` (restarting at each sequence), whichever the
   batch has, in that order. The activations are gathered into `(S, T_max, ...)`, each sequence from position 0 as a
   right-padded batch would hold it, so packed and padded batches of the same examples give the same entropies;
+- **flattened tokens**: a module that works on `(B·T, ...)` (OPT's feed-forward) is seen as `(B, T, ...)` where the
+  batch has a mask;
 - **prompt learning** (PEFT prompt tuning, P-tuning): the model prepends `V` virtual tokens, so its activations are
   `(B, V + T, ...)`; the mask is extended with `V` ones in front, as PEFT extends the attention mask. Prefix tuning
   adds no positions (its virtual tokens are keys and values only). Another prompt-learning method whose activations
@@ -186,6 +188,7 @@ class TokenLayout:
             stream = decoder if self.in_decoder(name) else encoder
             view, mask = x, None
             if stream is not None and isinstance(x, torch.Tensor) and x.dim() >= 2:
+                x = view = _unflattened(x, stream.source if stream.index is not None else tuple(stream.mask.shape))
                 if stream.index is not None:
                     if tuple(x.shape[:2]) == stream.source:
                         view = x.reshape(-1, *x.shape[2:])[stream.index]
@@ -230,6 +233,14 @@ class TokenLayout:
                 "(lbe_target_modules)."
             )
         return None
+
+
+def _unflattened(x: torch.Tensor, rows: tuple[int, int]) -> torch.Tensor:
+    """`x` `(B·T, ...)` of a module that flattens the tokens (OPT's feed-forward) as `(B, T, ...)`; else `x`."""
+    batch, length = rows
+    if length > 1 and x.shape[0] == batch * length and (x.dim() == 2 or x.shape[1] != length):
+        return x.reshape(batch, length, *x.shape[1:])
+    return x
 
 
 def _unpacked(
