@@ -97,12 +97,12 @@ def check_settings(prefix: str = "", **settings: float | None) -> dict[str, floa
     """Validate the regularizer's numeric settings: the one place, used by the constructor, `configure_optimizer` and
     `BatchEntropyConfig` (which passes `prefix="lbe_"`, so that messages name its fields).
 
-    Accepted keywords: `beta` (β ≥ 0; 0 turns LBE off), `alpha` (α₀), `alpha_min` (≥ 0), `alpha_learning_rate` and
-    `lr` (≥ 0); each finite, `None` allowed (and kept) for the learning rates only. Returns them as floats.
+    Accepted keywords: `beta` (β ≥ 0; 0 turns LBE off), `alpha` (α₀), `alpha_min` (≥ 0), `alpha_learning_rate`
+    (α's learning rate, ≥ 0; `None` allowed and kept); each finite. Returns them as floats.
     """
     checked = {}
     for name, value in settings.items():
-        if value is None and name in ("alpha_learning_rate", "lr"):
+        if value is None and name == "alpha_learning_rate":
             checked[name] = None
             continue
         value = float(value)
@@ -289,7 +289,7 @@ class BatchEntropyRegularizer(nn.Module):
         """
         if lr is None:
             raise ValueError("configure_optimizer needs a learning rate for α, got lr=None.")
-        self.learning_rate = check_settings(lr=lr)["lr"]
+        self.learning_rate = check_settings(alpha_learning_rate=lr)["alpha_learning_rate"]
         self.optimizer = torch.optim.AdamW(
             [self.alpha], lr=self.learning_rate, betas=betas, eps=eps, weight_decay=0.0, fused=fused, foreach=foreach
         )
