@@ -159,12 +159,12 @@ def tiny_opt(seed: int = 0) -> OPTForCausalLM:
                                     pad_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
 
 
-@pytest.mark.parametrize("source", ["hidden_states", "hooks"])
+@pytest.mark.parametrize("source", ["hidden_states", "hooks", "flattened"])
 def test_opt_decoder_only_takes_the_attention_mask_whatever_the_labels(tmp_path, source):
     """OPT's modules are under `model.decoder`, but it is decoder-only (its config says so): its activations take the
-    attention mask, never the labels' non-(-100) positions."""
+    attention mask, never the labels' non-(-100) positions. Its feed-forward works on flattened tokens `(B·T, F)`."""
     model = tiny_opt()
-    targets = None if source == "hidden_states" else ["activation_fn"]
+    targets = {"hidden_states": None, "hooks": ["self_attn_layer_norm"], "flattened": ["activation_fn"]}[source]
     args = make_args(tmp_path, lbe_beta=0.5, lbe_target_modules=targets)
     trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=DictDataset([]))
     batch = padded_batch(sequences(), pad_id=1)

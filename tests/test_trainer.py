@@ -783,11 +783,12 @@ def test_resume_true_without_a_checkpoint_raises_like_trainer(tmp_path):
 def test_resuming_a_finished_run_keeps_and_saves_its_alpha(tmp_path):
     args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05, save_strategy="steps",
                      save_steps=4)
-    first = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
+    data = token_dataset(n=32)  # 4 steps of 8: the run ends with its epoch, and the checkpoint is at the end
+    first = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=data)
     first.train()
     alpha = first.regularizer.alpha.detach().clone()
     assert not torch.equal(alpha, torch.full_like(alpha, 2.0))
-    again = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
+    again = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=data)
     again.train(resume_from_checkpoint=True)  # checkpoint-4: no step left
     torch.testing.assert_close(again.regularizer.alpha.detach(), alpha, rtol=0, atol=0)
     again.save_model(str(tmp_path / "final"))
