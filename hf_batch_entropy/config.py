@@ -97,10 +97,10 @@ class BatchEntropyArguments:
         default=True,
         metadata={
             "help": "Leave padding out of the batch-entropy of token-level activations: with an `attention_mask` in "
-            "the batch (and `decoder_attention_mask`, or labels other than -100, for decoder states), each unit's "
-            "variance at a position is taken over the examples that have a real token there, and positions with "
-            "fewer than two real tokens are left out. False takes every position, padding included, as the paper's "
-            "code does."
+            "the batch (and `decoder_attention_mask`, or labels other than -100, for an encoder-decoder's decoder "
+            "states), each unit's variance at a position is taken over the examples that have a real token there, "
+            "and positions with fewer than two real tokens are left out. False takes every position, padding "
+            "included, as the paper's code does. Packed (padding-free) batches are always measured per sequence."
         },
     )
     lbe_sync_entropy: bool = field(
