@@ -19,9 +19,9 @@ It only glues the pieces into `Trainer`'s hooks:
 - `on_pre_optimizer_step` / `on_optimizer_step` (an internal callback): `α` is trained by the regularizer's own AdamW,
   once per optimizer step that `Trainer` takes, at the main schedule's factor; `Trainer`'s optimizer and scheduler
   see model parameters only;
-- `log` / `evaluation_loop` / `prediction_step`: named LBE metrics, summed on the device per mode and reduced across processes once per
-  logging window (training) or per `evaluate()` / `predict()` call; the NaN/inf check reads its tally there too, so
-  the training step never synchronizes with the host;
+- `log` / `evaluation_loop` / `prediction_step`: named LBE metrics, summed on the device per mode and reduced across
+  processes once per logging window (training) or per `evaluate()` / `predict()` call (with or without labels); the
+  NaN/inf check reads its tally there too, so the training step never synchronizes with the host;
 - `save_model` / `train(resume_from_checkpoint=...)` / `_load_best_model`: `α` and its optimizer state travel with
   every checkpoint and the final folder; the model's own files stay plain Transformers files.
 """
