@@ -88,10 +88,11 @@ def test_packed_boundaries_from_each_source_agree():
     assert packed_boundaries(one) is None  # one sequence in one row: a batch of one, not a packed batch
 
 
-def test_data_collator_with_flattening_trains_with_lbe_and_saves_alpha(tmp_path):
+@pytest.mark.parametrize("targets", [None, ["act_fn"]], ids=["hidden_states", "hooks"])
+def test_data_collator_with_flattening_trains_with_lbe_and_saves_alpha(tmp_path, targets):
     rows = [{"input_ids": s.tolist()} for s in sequences(1) * 4]
     args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05, per_device_train_batch_size=5,
-                     max_steps=3, logging_steps=1)
+                     max_steps=3, logging_steps=1, lbe_target_modules=targets)
     trainer = BatchEntropyTrainer(model=tiny_llama(), args=args, train_dataset=DictDataset(rows),
                                   data_collator=DataCollatorWithFlattening())
     trainer.train()
