@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
+
+from .regularizer import check_settings
 
 __all__ = [
     "BatchEntropyArguments",
@@ -139,10 +140,10 @@ class BatchEntropyArguments:
         default=True,
         metadata={
             "help": "Leave padding out of the batch-entropy of token-level activations: with an `attention_mask` in "
-            "the batch (and `decoder_attention_mask`, or labels other than -100, for decoder states), each unit's "
-            "variance at a position is taken over the examples that have a real token there, and positions with "
-            "fewer than two real tokens are left out. False takes every position, padding included, as the paper's "
-            "code does."
+            "the batch (and `decoder_attention_mask`, or labels other than -100, for an encoder-decoder's decoder "
+            "states), each unit's variance at a position is taken over the examples that have a real token there, "
+            "and positions with fewer than two real tokens are left out. False takes every position, padding "
+            "included, as the paper's code does. Packed (padding-free) batches are always measured per sequence."
         },
     )
     lbe_sync_entropy: bool = field(
@@ -239,17 +240,14 @@ def with_batch_entropy_fields(args: TrainingArguments) -> BatchEntropyArguments:
 
 
 def _validate_lbe_settings(args: BatchEntropyArguments) -> None:
-    """Reject `lbe_*` values that cannot work, naming the field and the fix; normalize `lbe_target_modules`."""
-    for name in ("lbe_beta", "lbe_alpha", "lbe_alpha_min", "lbe_alpha_learning_rate"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}.")
-    if args.lbe_beta < 0:
-        raise ValueError(f"lbe_beta must be >= 0 (0 turns LBE off), got {args.lbe_beta}.")
-    if args.lbe_alpha_min < 0:
-        raise ValueError(f"lbe_alpha_min must be >= 0, got {args.lbe_alpha_min}.")
-    if args.lbe_alpha_learning_rate is not None and args.lbe_alpha_learning_rate < 0:
-        raise ValueError(f"lbe_alpha_learning_rate must be >= 0, got {args.lbe_alpha_learning_rate}.")
+    """Reject `lbe_*` values that cannot work, naming the field and the fix; normalize `lbe_target_modules`.
+
+    The numeric settings are the regularizer's and are checked by its own rule (`regularizer.check_settings`), so that
+    a config that passes here builds a regularizer, and one message names each problem."""
+    check_settings(
+        prefix="lbe_", beta=args.lbe_beta, alpha=args.lbe_alpha, alpha_min=args.lbe_alpha_min,
+        alpha_learning_rate=args.lbe_alpha_learning_rate,
+    )
     targets = args.lbe_target_modules
     if isinstance(targets, str):
         _compile_regex(targets)

@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoTokenizer
 from hf_batch_entropy import BatchEntropyRegularizer
 from hf_batch_entropy.glue import bundled_minilm_path, load_glue_files
 from hf_batch_entropy.provenance import provenance
-from hf_batch_entropy.capture import padding_masks
+from hf_batch_entropy.tokens import TokenLayout
 
 
 def main() -> dict:
@@ -45,7 +45,7 @@ def main() -> dict:
         for name, batch in (("unpadded (8 tokens)", unpadded), ("padded to 16 tokens", padded)):
             hidden = list(model(**batch, output_hidden_states=True).hidden_states)
             for ignore in (False, True):
-                masks = padding_masks(batch, hidden, [f"hidden_states.{i}" for i in range(7)]) if ignore else None
+                masks = TokenLayout(model).views(batch, hidden, [f"hidden_states.{i}" for i in range(7)])[1] if ignore else None
                 out = regularizer(hidden, torch.tensor(1.0), masks)
                 rows[f"{name}, lbe_ignore_padding={ignore}"] = {
                     "batch_entropy_mean": out.entropies.mean().item(),
