@@ -44,6 +44,8 @@ from collections.abc import Hashable, Sequence
 import torch
 import torch.distributed as dist
 
+from ._compat import order_backward
+
 __all__ = [
     "batch_entropies",
     "batch_entropy",
@@ -294,14 +296,7 @@ def _schedule_with_layers(output: torch.Tensor, layers: list[torch.Tensor]) -> N
     just before that layer's backward: one chunk of gradients exists at a time. Only the order changes (the node's
     dependencies are the same); skipped where the private hook is missing or under `torch.compile`.
     """
-    if torch.compiler.is_compiling():
-        return
-    node = output.grad_fn
-    if node is None or not hasattr(node, "_set_sequence_nr"):
-        return
-    numbers = [x.grad_fn._sequence_nr() for x in layers if x.grad_fn is not None]
-    if numbers:
-        node._set_sequence_nr(max(numbers))
+    order_backward(output, layers)
 
 
 def _local_squares(

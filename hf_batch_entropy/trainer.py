@@ -24,6 +24,9 @@ It only glues the pieces into `Trainer`'s hooks:
   NaN/inf check reads its tally there too, so the training step never synchronizes with the host;
 - `save_model` / `train(resume_from_checkpoint=...)` / `_load_best_model`: `α` and its optimizer state travel with
   every checkpoint and the final folder; the model's own files stay plain Transformers files.
+
+What it relies on in `Trainer`, accelerate and torch beyond their public APIs (private attributes, the order of
+hooks) is named in `_compat`, each with a test in `tests/test_compat.py`.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from transformers import DataCollatorWithFlattening, Seq2SeqTrainer, Trainer, Tr
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from ._compat import deepspeed_loss_scale, grad_scaler_scale, inner_optimizer, lambda_lr_factor
 from .capture import select_capture
 from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields
 from .entropy import batch_entropies, is_measurable
@@ -220,7 +224,7 @@ class BatchEntropyMixin:
     def _alpha_optimizer_implementation(self) -> dict[str, Any]:
         # The model's torch Adam/AdamW implementation (fused, foreach), so that α's updates are bit-identical to those
         # of an α inside that optimizer (as the paper trains it). For any other optimizer torch's default.
-        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer = inner_optimizer(self.optimizer)
         if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             return {key: optimizer.defaults.get(key) for key in ("fused", "foreach")}
         return {}
@@ -232,11 +236,11 @@ class BatchEntropyMixin:
             return
         scaler = self.accelerator.scaler
         if scaler is not None and scaler.is_enabled():
-            scale = getattr(scaler, "_scale", None)  # the scale tensor: dividing by it reads nothing on the host
-            grad.div_(scale.to(grad.device) if scale is not None else scaler.get_scale())
+            scale = grad_scaler_scale(scaler)  # the scale tensor: dividing by it reads nothing on the host
+            grad.div_(scale.to(grad.device) if isinstance(scale, torch.Tensor) else scale)
         elif self.is_deepspeed_enabled and self.args.fp16:
-            # DeepSpeed scales the loss inside its engine (untested here: deepspeed needs a GPU).
-            scale = getattr(getattr(self.model_wrapped, "optimizer", None), "loss_scale", None)
+            # DeepSpeed scales the loss inside its engine (fp16 under DeepSpeed is not in the CPU tests).
+            scale = deepspeed_loss_scale(self.model_wrapped)
             if scale is not None:
                 grad.div_(scale)
 
@@ -264,11 +268,10 @@ class BatchEntropyMixin:
         Never a ratio to `args.learning_rate`, which a user's optimizer need not use.
         """
         scheduler = self.lr_scheduler
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and (
-            type(scheduler).get_lr is torch.optim.lr_scheduler.LambdaLR.get_lr
-        ):
+        factor = lambda_lr_factor(scheduler)
+        if factor is not None:
             # Exactly the factor the scheduler applied to the model's step (base · λ), as for a group of its own.
-            return scheduler.lr_lambdas[0](scheduler.last_epoch)
+            return factor
         group = self.optimizer.param_groups[0]
         lr = group.get("lr")
         if not isinstance(lr, (int, float)) and scheduler is not None and hasattr(scheduler, "get_last_lr"):
