@@ -733,14 +733,12 @@ def _run_job(job: Job, model_args: ModelArguments, data_args: DataArguments, tra
     callbacks.append(LogFileCallback(os.path.join(run_dir, "trainer_log.jsonl")))
     trainer = VanillaTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
                              compute_metrics=compute_accuracy, callbacks=callbacks)
-    if in_worker or not data_args.verbose:  # the log dicts are in trainer_log.jsonl; one line per run on stdout
-        trainer.pop_callback(ProgressCallback)
-        trainer.pop_callback(PrinterCallback)
-    else:
-        if trainer.pop_callback(ProgressCallback) is not None:
-            trainer.add_callback(CompactProgressCallback)
-        if trainer.pop_callback(PrinterCallback) is not None:
-            trainer.add_callback(CompactPrinterCallback)
+    # The log dicts are in trainer_log.jsonl; stdout gets one line per run unless --verbose, which prints them
+    # (compact) with Trainer's progress bar, or without it in a worker process (bars of parallel runs interleave).
+    bar = trainer.pop_callback(ProgressCallback)
+    trainer.pop_callback(PrinterCallback)
+    if data_args.verbose:
+        trainer.add_callback(CompactProgressCallback if bar is not None and not in_worker else CompactPrinterCallback)
     logger.info(f"=== {label}: lbe_beta={beta}, {model_args.arch} width {model_args.width}, seed {seed}, "
                 f"split seed {split_seed}" + (": β = 0, the batch-entropies are measured and logged, the loss is not "
                                               "regularized" if beta == 0 else ""))
