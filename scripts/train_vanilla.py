@@ -14,8 +14,9 @@ LBE) as the accuracy that this data and recipe allow. Seed i uses the training s
 batch order) and the split seed `--split_seed + i` (train/test split). Independent runs go to `--workers` processes
 of one thread each.
 
-It prints a table (test accuracy, mean ± std over the seeds, per depth) and what it means, and writes into
-`--output_dir`:
+It prints one line per run as it finishes (run k of N, run kind, depth, seed, test accuracy, seconds, estimated time
+left for the job), then the table (test accuracy, mean ± std over the seeds, per depth) and what it means. It writes
+into `--output_dir`:
 
 - `results.json`: `meta` (the exact command, commit and whether the tree was dirty, library versions, machine),
   `summary` (per run kind and depth: mean and std of the test accuracy over the seeds) and `runs` (one entry per run:
@@ -23,13 +24,16 @@ It prints a table (test accuracy, mean ± std over the seeds, per depth) and wha
   the effective rank of a few layers);
 - `frontier.png` (two depths or more): test accuracy against depth (log axis, error bars = std over seeds, the
   ceiling as a band), and the per-layer batch-entropy over training of the deepest pair (log colour scale);
-- `batch_entropy.png` (a single depth): the per-layer batch-entropy over training of each run of the first seed.
+- `batch_entropy.png` (a single depth): the per-layer batch-entropy over training of each run of the first seed;
+- one folder per run (`lbe_depth500_seed0/`, ...) with `trainer_log.jsonl` (every Trainer log dict, one JSON object
+  per line: losses, LBE metrics, per-layer batch-entropies) and `run.log` (the run's settings, which layers LBE
+  measures, warnings). `--verbose` prints both on stdout as well.
 
-Default (`--preset frontier`): ReLU MLPs of width 64 on scikit-learn's bundled 8×8 digits (no download), 3 seeds,
-about 10 minutes on two CPU cores. Examples:
+Default (`--preset frontier`): ReLU MLPs of width 64 on scikit-learn's bundled 8×8 digits (no download), 3 seeds; the
+README gives the measured time. Examples:
 
     python scripts/train_vanilla.py                                   # the frontier (digits, depths 10…500, 3 seeds)
-    python scripts/train_vanilla.py --preset long                     # the depth-500 recipe that learns (~10 min/seed)
+    python scripts/train_vanilla.py --preset long                     # the depth-500 recipe that learns (one seed)
     python scripts/train_vanilla.py --preset depth50                  # the depth-50 recipe
     python scripts/train_vanilla.py --depths 500 --num_seeds 1        # one pair (baseline, LBE) at depth 500
     python scripts/train_vanilla.py --arch cnn --depth 150 --width 8 --num_seeds 1 --output_dir vanilla_cnn
@@ -44,6 +48,7 @@ See docs/vanilla.md for the measurements behind the defaults.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -62,6 +67,7 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 from transformers import HfArgumentParser, PrinterCallback, ProgressCallback, TrainerCallback, set_seed
+from transformers.activations import ACT2FN
 
 import hf_batch_entropy
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer, batch_entropies
@@ -156,9 +162,9 @@ class DataArguments:
     preset: str = field(
         default="frontier",
         metadata={"help": "A named recipe, i.e. flags put in front of the command line's own (which override them): "
-                  "'frontier' (the defaults: the depth ladder in ~10 min on 2 CPU cores), 'long' (depth 500, LBE, "
-                  "lr 1e-4 cosine, 4,000 steps: the recipe that learns, ~10 min per seed on one core), 'depth50' "
-                  "(depth 50, LBE, lr 1e-4 constant, 15,000 steps). See PRESETS in this script.",
+                  "'frontier' (the defaults: the depth ladder, 3 seeds), 'long' (depth 500, LBE, lr 1e-4 cosine, "
+                  "4,000 steps: the recipe that learns), 'depth50' (depth 50, LBE, lr 1e-4 constant, 15,000 steps). "
+                  "See PRESETS in this script; the README gives the measured times.",
                   "choices": sorted(PRESETS)},
     )
     dataset: str = field(
@@ -184,7 +190,8 @@ class DataArguments:
     )
     workers: int = field(
         default=0,
-        metadata={"help": "Processes that train independent runs side by side, longest first, one thread each. 0 "
+        metadata={"help": "Processes that train independent runs side by side, one thread each (with two or more the "
+                  "longest runs start first; with one, the runs go in the table's order). 0 "
                   "(auto): one per two logical CPUs when each run uses one thread on the CPU, else 1 (on a 2-vCPU "
                   "machine two workers gave no more steps per second than one, docs/vanilla.md). 1 runs everything "
                   "in this process."},
@@ -204,6 +211,12 @@ class DataArguments:
     entropy_batch_size: int = field(
         default=512,
         metadata={"help": "Test examples used to measure the final per-layer batch-entropies reported in the table."},
+    )
+    verbose: bool = field(
+        default=False,
+        metadata={"help": "Also print every run's Trainer log dicts, progress bar and log lines on stdout. Without it "
+                  "stdout has one line per finished run, then the table; the logs are in each run's folder "
+                  "(trainer_log.jsonl, run.log) either way."},
     )
 
 
@@ -544,15 +557,89 @@ class Job:
         return f"{self.kind}_depth{self.depth}_seed{self.seed_index}"
 
 
+class UsageError(ValueError):
+    """Bad command-line input: `main` prints it as one line and exits with status 2, as argparse does."""
+
+
+class OneLineParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line (argparse prints the whole usage first: 135 lines here)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, VanillaTrainingArguments]:
-    """The three argument dataclasses from a command line whose preset flags are already expanded."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, VanillaTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    """The three argument dataclasses from a command line whose preset flags are already expanded. A closed choice
+    argparse cannot express (a comma-separated list, a path) raises `UsageError` (`check_arguments`)."""
+    parser = OneLineParser((ModelArguments, DataArguments, VanillaTrainingArguments), prog="train_vanilla.py")
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # TrainingArguments.__post_init__ checks combinations of flags
+        raise UsageError(str(err)) from err
     if model_args.depth is not None:
         model_args.depths = str(model_args.depth)
     if scheduler_name(training_args) == "polynomial" and not training_args.lr_scheduler_kwargs:
         training_args.lr_scheduler_kwargs = {"power": 2.0}  # the earlier default, lr·(1 − t)²
+    check_arguments(model_args, data_args, training_args)
     return model_args, data_args, training_args
+
+
+def parse_depths(depths: str) -> list[int]:
+    try:
+        values = sorted({int(d) for d in depths.split(",") if d.strip()})
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UsageError(f"argument --depths: expected comma-separated integers >= 1, got {depths!r}")
+    return values
+
+
+def parse_runs(runs: str) -> list[str]:
+    values = [r.strip() for r in runs.split(",") if r.strip()]
+    bad = [r for r in values if r not in RUNS]
+    if not values or bad:
+        raise UsageError(f"argument --runs: invalid choice: {(bad or [runs])[0]!r} (choose from "
+                         f"{', '.join(repr(r) for r in RUNS)}, comma-separated)")
+    return values
+
+
+def looks_like_path(name: str) -> bool:
+    """A `--dataset` value that can only be a local folder: a Hub id is `name` or `owner/name`, never absolute, never
+    starting with '.' or '~', never with two slashes or a backslash."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+            or (os.sep != "/" and os.sep in name))
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """Every closed choice and range of the command line, before anything loads; raises `UsageError` (one line)."""
+    parse_depths(model_args.depths)
+    runs = parse_runs(data_args.runs)
+    if model_args.activation not in ACT2FN:
+        raise UsageError(f"argument --activation: invalid choice: {model_args.activation!r} (choose from "
+                         f"{', '.join(sorted(ACT2FN))})")
+    for flag, value, low in (("--num_seeds", data_args.num_seeds, 1), ("--width", model_args.width, 1),
+                             ("--ceiling_depth", model_args.ceiling_depth, 1), ("--workers", data_args.workers, 0),
+                             ("--torch_threads", model_args.torch_threads, 0),
+                             ("--entropy_batch_size", data_args.entropy_batch_size, 2),
+                             ("--per_device_train_batch_size", training_args.per_device_train_batch_size, 2)):
+        if value < low:
+            why = " (batch-entropy is a statistic over the batch)" if "batch" in flag else ""
+            raise UsageError(f"argument {flag}: must be >= {low}, got {value}{why}")
+    if not 0 < data_args.test_size < 1:
+        raise UsageError(f"argument --test_size: must lie between 0 and 1, got {data_args.test_size}")
+    if model_args.lbe_layers == "reference" and training_args.lbe_target_modules is not None:
+        raise UsageError("--lbe_layers reference and --lbe_target_modules both choose the layers: give one")
+    if (model_args.lbe_layers == "reference" and model_args.arch == "mlp" and "lbe" in runs
+            and min(parse_depths(model_args.depths)) < 3):
+        raise UsageError("argument --lbe_layers: 'reference' leaves no MLP layer to regularize below depth 3")
+    dataset = data_args.dataset
+    if dataset != "digits" and not os.path.isdir(dataset):
+        if os.path.exists(dataset):
+            raise UsageError(f"argument --dataset: {dataset} is a file; give a folder of class subfolders, "
+                             "'digits' or a Hub dataset name")
+        if looks_like_path(dataset):
+            raise UsageError(f"argument --dataset: no such folder: {dataset} (give a folder of class subfolders, "
+                             "'digits' or a Hub dataset name)")
 
 
 def expand_preset(argv: list[str]) -> list[str]:
@@ -564,7 +651,8 @@ def expand_preset(argv: list[str]) -> list[str]:
         elif arg.startswith("--preset="):
             name = arg.split("=", 1)[1]
     if name not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {name!r}.")
+        raise UsageError(f"argument --preset: invalid choice: {name!r} (choose from "
+                         f"{', '.join(repr(p) for p in sorted(PRESETS))})")
     return PRESETS[name] + list(argv)
 
 
@@ -610,17 +698,24 @@ def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, d
     if in_worker:
         setup_process(model_args, training_args)
         transformers.utils.logging.set_verbosity_error()
+    run_dir = os.path.join(training_args.output_dir, job.name)
+    os.makedirs(run_dir, exist_ok=True)
+    beta = training_args.lbe_beta if job.kind == "lbe" else 0.0
+    with run_log(os.path.join(run_dir, "run.log"), data_args.verbose, beta):
+        return _run_job(job, model_args, data_args, training_args, run_dir, beta, in_worker)
+
+
+def _run_job(job: Job, model_args: ModelArguments, data_args: DataArguments, training_args, run_dir: str, beta: float,
+             in_worker: bool) -> tuple[dict, dict]:
     seed = training_args.seed + job.seed_index
     split_seed = data_args.split_seed + job.seed_index
     train_ds, test_ds, num_labels = load_data(dataclasses.replace(data_args, split_seed=split_seed))
     sample = train_ds[0]["pixel_values"]
     channels, size = sample.shape[0], sample.shape[-1]
 
-    beta = training_args.lbe_beta if job.kind == "lbe" else 0.0
     targets = training_args.lbe_target_modules
     if job.kind == "lbe" and model_args.lbe_layers == "reference":
         targets = reference_target_modules(model_args.arch, job.depth)
-    run_dir = os.path.join(training_args.output_dir, job.name)
     args = dataclasses.replace(training_args, output_dir=run_dir, lbe_beta=beta, seed=seed, data_seed=None,
                                lbe_target_modules=targets)
     # Same seed before building the model: the baseline and the LBE run of a depth and seed start from the same weights.
@@ -632,20 +727,21 @@ def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, d
     # Fingerprint of the initial weights: equal for the baseline and the LBE run of a depth and seed.
     init_checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
     label = f"{job.kind} depth {job.depth} seed {job.seed_index}"
-    recorder = EntropyRecorder(test_ds, data_args.entropy_batch_size, label=label if in_worker else None)
+    recorder = EntropyRecorder(test_ds, data_args.entropy_batch_size,
+                               label=label if in_worker and data_args.verbose else None)
     callbacks = [recorder] + ([FlushDenormalsCallback()] if model_args.flush_denormal else [])
+    callbacks.append(LogFileCallback(os.path.join(run_dir, "trainer_log.jsonl")))
     trainer = VanillaTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=test_ds,
                              compute_metrics=compute_accuracy, callbacks=callbacks)
-    if in_worker:
-        trainer.pop_callback(ProgressCallback)
-        trainer.pop_callback(PrinterCallback)
-    else:
-        if trainer.pop_callback(ProgressCallback) is not None:
-            trainer.add_callback(CompactProgressCallback)
-        if trainer.pop_callback(PrinterCallback) is not None:
-            trainer.add_callback(CompactPrinterCallback)
+    # The log dicts are in trainer_log.jsonl; stdout gets one line per run unless --verbose, which prints them
+    # (compact) with Trainer's progress bar, or without it in a worker process (bars of parallel runs interleave).
+    bar = trainer.pop_callback(ProgressCallback)
+    trainer.pop_callback(PrinterCallback)
+    if data_args.verbose:
+        trainer.add_callback(CompactProgressCallback if bar is not None and not in_worker else CompactPrinterCallback)
     logger.info(f"=== {label}: lbe_beta={beta}, {model_args.arch} width {model_args.width}, seed {seed}, "
-                f"split seed {split_seed}")
+                f"split seed {split_seed}" + (": β = 0, the batch-entropies are measured and logged, the loss is not "
+                                              "regularized" if beta == 0 else ""))
     start = time.perf_counter()
     train_output = trainer.train()
     train_time = time.perf_counter() - start
@@ -654,8 +750,6 @@ def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, d
     hidden = hidden_states_of(trainer.model, test_ds, data_args.entropy_batch_size, args.device)
     entropies = batch_entropies(hidden).tolist()
     task_logs = [h["task_loss"] for h in trainer.state.log_history if "task_loss" in h]
-    if os.path.isdir(run_dir) and not os.listdir(run_dir):
-        os.rmdir(run_dir)  # nothing was saved (save_strategy "no"): leave no empty folder behind
     result = {
         "run": job.kind, "name": job.name,
         "model": f"vanilla {model_args.arch.upper()} depth {job.depth} width {model_args.width} "
@@ -674,7 +768,9 @@ def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, d
         "train_task_loss": task_logs[-1] if task_logs else None,
         "train_loss": train_output.training_loss,
         "num_layers": len(entropies),
-        "regularized_layers": len(recorder.entropies[-1]) if recorder.entropies else None,
+        # Layers whose batch-entropy the trainer measured and logged; LBE regularizes them only when β > 0.
+        "measured_layers": len(recorder.entropies[-1]) if recorder.entropies else None,
+        "regularized_layers": (len(recorder.entropies[-1]) if recorder.entropies else None) if beta > 0 else 0,
         "entropy_min": min(entropies), "entropy_mean": float(np.mean(entropies)),
         "alive_layers": int(sum(h > DEAD_ENTROPY for h in entropies)),
         "effective_rank_end": effective_ranks(hidden),
@@ -687,9 +783,65 @@ def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, d
     return result, {"steps": recorder.steps, "entropies": recorder.entropies}
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, verbose: bool = False) -> None:
     # Before torch starts its thread pool in the worker: one thread per worker process.
     torch.set_num_threads(threads)
+    # Warnings (and with --verbose every log line) of a run in a worker reach stdout as in the main process.
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    logging.getLogger().handlers[0].setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+class LogFileCallback(TrainerCallback):
+    """Every Trainer log dict (losses, LBE metrics, per-layer batch-entropies, evaluations) with its step, one JSON
+    object per line: the per-step record that --verbose also prints."""
+
+    def __init__(self, path: str):
+        self.path = path
+        open(path, "w").close()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
+
+
+class _BaselineWording(logging.Filter):
+    """At β = 0 the trainer still says "LBE regularizes N layers" (hf_batch_entropy.capture) when it picks the
+    layers whose batch-entropy it measures; in a baseline run's log that line says what happens instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("LBE regularizes "):
+            record.msg, record.args = "β = 0: LBE measures (does not regularize) " + message[16:], None
+        return True
+
+
+@contextlib.contextmanager
+def run_log(path: str, verbose: bool, beta: float):
+    """While one run trains: every log line (INFO and up) also goes to its `run.log`; stdout keeps only warnings
+    unless --verbose; at β = 0 the capture's "LBE regularizes" line says that the layers are only measured."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, mode="w", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", "%H:%M:%S"))
+    quieted = [] if verbose else [(h, h.level) for h in root.handlers]
+    for h, level in quieted:
+        h.setLevel(max(level, logging.WARNING))
+    root_level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    capture_logger, wording = logging.getLogger("hf_batch_entropy.capture"), _BaselineWording()
+    if beta == 0:
+        capture_logger.addFilter(wording)
+    try:
+        yield
+    finally:
+        capture_logger.removeFilter(wording)
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(root_level)
+        for h, level in quieted:
+            h.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -766,6 +918,10 @@ def interpret(summary: list[dict], steps: int | None = None) -> str:
         sentence += (f", but at depth {stuck[-1]} neither learns within {budget} (LBE has revived "
                      f"{s['alive_layers_mean']:.0f} of its {s['num_layers']} layers by then)")
     sentence = (sentence + ".") if sentence else ""
+    shallow = next((d for d in depths if ("baseline", d) in by and ("lbe", d) in by
+                    and by[("baseline", d)]["test_accuracy_mean"] >= chance), None)
+    if shallow is not None:
+        sentence += " " + compare_at_depth(by[("baseline", shallow)], by[("lbe", shallow)])
     ceiling = next((s for s in summary if s["run"] == "ceiling"), None)
     if ceiling is not None:
         sentence += (f" A well-initialized {ceiling['depth']}-layer network reaches {acc(ceiling)} with the same "
@@ -773,8 +929,36 @@ def interpret(summary: list[dict], steps: int | None = None) -> str:
     return sentence.strip()
 
 
-def _heatmap_panels(fig, axes, records: list[tuple[str, dict]], title_suffix=lambda name: "") -> None:
-    """Per-layer batch-entropy (colour, log scale) of every layer (y) over training steps (x), one axis per record."""
+def compare_at_depth(baseline: dict, lbe: dict) -> str:
+    """LBE against the baseline at a depth where the baseline learns (the frontier's depth 10): the difference of
+    the means, judged against twice its standard error over the seeds (sqrt(s_b²/n_b + s_l²/n_l))."""
+    depth, n = baseline["depth"], min(baseline["seeds"], lbe["seeds"])
+    diff = 100 * (lbe["test_accuracy_mean"] - baseline["test_accuracy_mean"])
+    text = (f"At depth {depth}, where the network learns without it, LBE gives "
+            f"{_pct(lbe['test_accuracy_mean'], lbe['test_accuracy_std'], lbe['seeds'])} against "
+            f"{_pct(baseline['test_accuracy_mean'], baseline['test_accuracy_std'], baseline['seeds'])} without: "
+            f"{abs(diff):.1f} points {'lower' if diff < 0 else 'higher'}")
+    if n < 2:
+        return text + " (one seed: no spread to judge the difference by)."
+    se2 = 2 * 100 * math.sqrt(baseline["test_accuracy_std"] ** 2 / baseline["seeds"]
+                              + lbe["test_accuracy_std"] ** 2 / lbe["seeds"])
+    if abs(diff) <= se2:
+        return (text + f", within twice the standard error of the difference over {n} seeds ({se2:.1f} points): "
+                "no clear difference.")
+    return (text + f", more than twice the standard error of the difference over {n} seeds ({se2:.1f} points): "
+            f"LBE {'costs' if diff < 0 else 'adds'} accuracy at this depth.")
+
+
+def run_title(run: dict) -> str:
+    """A picture panel's title: what the run is (kind, β, depth), then its test accuracy and seed."""
+    kind = {"baseline": "without LBE (β = 0)", "lbe": f"with LBE (β = {run['lbe_beta']:g})",
+            "ceiling": "ceiling: He init, no LBE"}.get(run["run"], run["run"])
+    return f"{kind}, depth {run['depth']}\ntest accuracy {100 * run['test_accuracy']:.1f} % (seed {run['seed_index']})"
+
+
+def _heatmap_panels(fig, axes, records: list[tuple[str, dict]]) -> None:
+    """Per-layer batch-entropy (colour, log scale) of every layer (y) over training steps (x), one axis per
+    `(title, record)`."""
     from matplotlib.colors import LogNorm
     from matplotlib.ticker import MaxNLocator
 
@@ -784,15 +968,15 @@ def _heatmap_panels(fig, axes, records: list[tuple[str, dict]], title_suffix=lam
     # Down to the "dead" threshold: a nearly dead network's few alive layers (1e-1 … 1e-12) still get colours.
     vmin = max(float(positive.min()) if positive.size else DEAD_ENTROPY, DEAD_ENTROPY, vmax * 1e-16)
     image = None
-    for ax, (name, rec) in zip(axes, records):
+    for ax, (title, rec) in zip(axes, records):
         grid = np.clip(np.asarray(rec["entropies"]).T, vmin, None)  # (layers, logged steps)
         steps = rec["steps"]
         first = steps[0] - (steps[1] - steps[0] if len(steps) > 1 else steps[0])
         image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", norm=LogNorm(vmin=vmin, vmax=vmax),
                           interpolation="nearest", extent=(first, steps[-1], 0.5, grid.shape[0] + 0.5))
-        ax.set_title(name + title_suffix(name), fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step")
-        ax.set_ylabel("regularized / hidden layer (input → output)")
+        ax.set_ylabel("layer measured by LBE (input → output)")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.colorbar(image, ax=list(axes), label="batch-entropy (nats per unit, log scale)")
 
@@ -809,9 +993,7 @@ def plot_entropy_heatmaps(results: list[dict], records: dict[str, dict], path: s
         logger.warning("No per-layer entropies were logged (lbe_log_per_layer off, or fewer steps than logging_steps): no picture.")
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.0), squeeze=False, constrained_layout=True)
-    by_name = {r["name"]: r for r in panels}
-    _heatmap_panels(fig, axes[0], [(r["name"], records[r["name"]]) for r in panels],
-                    lambda n: f" (β={by_name[n]['lbe_beta']:g}): test acc {100 * by_name[n]['test_accuracy']:.1f}%")
+    _heatmap_panels(fig, axes[0], [(run_title(r), records[r["name"]]) for r in panels])
     fig.suptitle(f"{panels[0]['model']}\nper-layer batch-entropy over training", fontsize=11)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -829,7 +1011,7 @@ def plot_frontier(summary: list[dict], results: list[dict], records: dict[str, d
     deepest = max(s["depth"] for s in summary if s["run"] != "ceiling")
     pair = [r for r in results if r["depth"] == deepest and r["seed_index"] == 0 and r["run"] in RUNS
             and records[r["name"]]["entropies"]]
-    fig = plt.figure(figsize=(6 + 5 * len(pair), 5.0), constrained_layout=True)
+    fig = plt.figure(figsize=(6 + 5 * len(pair), 5.6), constrained_layout=True)
     grid = fig.add_gridspec(1, 1 + len(pair), width_ratios=[1.2] + [1] * len(pair))
     ax = fig.add_subplot(grid[0, 0])
     styles = {"baseline": dict(color="tab:gray", marker="o", label="without LBE (β = 0)"),
@@ -858,12 +1040,14 @@ def plot_frontier(summary: list[dict], results: list[dict], records: dict[str, d
     seeds = max(s["seeds"] for s in summary)
     ax.set_title(f"trainability frontier ({seeds} seed{'s' if seeds > 1 else ''}"
                  f"{', mean ± std' if seeds > 1 else ''})", fontsize=10)
-    ax.legend(fontsize=8, loc="center left")
+    # Below the axes, off the curves (inside, any corner covers a curve or the ceiling band for some ladder).
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: ("LBE" not in labels[i], i))  # the two curves first
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     if pair:
         axes = [fig.add_subplot(grid[0, 1 + i]) for i in range(len(pair))]
-        by_name = {r["name"]: r for r in pair}
-        _heatmap_panels(fig, axes, [(r["name"], records[r["name"]]) for r in pair],
-                        lambda n: f": {100 * by_name[n]['test_accuracy']:.1f}%")
+        _heatmap_panels(fig, axes, [(run_title(r), records[r["name"]]) for r in pair])
     first = results[0]
     model = first["model"].replace(f"depth {first['depth']} ", "")
     fig.suptitle(f"{model}: {first['steps']} steps, lr {first['learning_rate']:g} {first['lr_scheduler_type']}",
@@ -901,23 +1085,64 @@ def format_table(results: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def plan_jobs(model_args: ModelArguments, data_args: DataArguments) -> list[Job]:
-    """Every run, longest first (deepest, LBE before baseline), so that parallel workers finish together."""
-    try:
-        depths = sorted({int(d) for d in model_args.depths.split(",") if d.strip()})
-    except ValueError as err:
-        raise ValueError(f"--depths must be comma-separated integers, got {model_args.depths!r}.") from err
-    if not depths or min(depths) < 1:
-        raise ValueError(f"--depths must list depths >= 1, got {model_args.depths!r}.")
-    runs = [r.strip() for r in data_args.runs.split(",") if r.strip()]
-    if not runs or any(r not in RUNS for r in runs):
-        raise ValueError(f"--runs must list 'baseline' and/or 'lbe', got {data_args.runs!r}.")
-    if data_args.num_seeds < 1:
-        raise ValueError(f"--num_seeds must be >= 1, got {data_args.num_seeds}.")
+def plan_jobs(model_args: ModelArguments, data_args: DataArguments, workers: int = 1) -> list[Job]:
+    """Every run, in the order they start.
+
+    One worker: the table's order (the ceiling, then depth by depth, each seed's baseline and LBE run together). The
+    order cannot change the total time of one process running everything in turn, and this one gives the first
+    results in seconds. Several workers: longest first (deepest, LBE before baseline; the longest-processing-time
+    rule), because the total time is then set by the last run to finish: a depth-500 run started last would keep one
+    worker busy for minutes while the others sit idle (on the frontier a depth-500 run takes ~15 times a depth-10
+    one). The progress lines (run k of N, time left) make either order readable.
+    """
+    depths = parse_depths(model_args.depths)
+    runs = parse_runs(data_args.runs)
     jobs = [Job(kind, depth, i) for depth in depths for i in range(data_args.num_seeds) for kind in runs]
     if model_args.ceiling and len(depths) > 1:
-        jobs += [Job("ceiling", model_args.ceiling_depth, i) for i in range(data_args.num_seeds)]
-    return sorted(jobs, key=lambda j: (-j.depth, j.kind != "lbe", j.seed_index))
+        jobs = [Job("ceiling", model_args.ceiling_depth, i) for i in range(data_args.num_seeds)] + jobs
+    if workers > 1:
+        jobs = sorted(jobs, key=lambda j: (-j.depth, j.kind != "lbe", j.seed_index))
+    return jobs
+
+
+def usage_error(message: str) -> None:
+    """Exit as argparse does on bad input: one line on stderr, status 2."""
+    sys.stderr.write(f"train_vanilla.py: error: {message} (--help lists every flag)\n")
+    raise SystemExit(2)
+
+
+# Relative cost of a run, for the time-left estimate only: in the documented frontier a run took about 5 s plus 0.19 s
+# per hidden layer (docs/results/vanilla_frontier_quiet.json), i.e. a fixed part worth ~25 layers.
+def run_cost(job: Job) -> float:
+    return job.depth + 25.0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Progress:
+    """The one line printed per finished run: run k of N, kind, depth, seed, test accuracy, seconds, and the time
+    left for the job, estimated from the seconds per unit of `run_cost` of the runs done so far."""
+
+    def __init__(self, jobs: list[Job], workers: int):
+        self.total, self.workers = len(jobs), workers
+        self.cost_left = sum(run_cost(j) for j in jobs)
+        self.cost_done, self.seconds_done, self.done = 0.0, 0.0, 0
+        self.start = time.perf_counter()
+
+    def line(self, job: Job, result: dict) -> str:
+        self.done += 1
+        self.cost_left -= run_cost(job)
+        self.cost_done += run_cost(job)
+        self.seconds_done += result["wall_time_s"]
+        width = len(str(self.total))
+        head = (f"run {self.done:>{width}}/{self.total}  {job.kind:<8}  depth {job.depth:<4} seed {job.seed_index}  "
+                f"test accuracy {100 * result['test_accuracy']:5.1f}%  {result['wall_time_s']:5.0f} s")
+        if self.done == self.total:
+            return f"{head}  (all done in {_duration(time.perf_counter() - self.start)})"
+        left = self.seconds_done / self.cost_done * self.cost_left / self.workers
+        return f"{head}  (about {_duration(left)} left)"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -925,17 +1150,15 @@ def main(argv: list[str] | None = None) -> dict:
     if len(argv) == 1 and argv[0].endswith(".json"):
         with open(argv[0]) as f:
             argv = [x for k, v in json.load(f).items() for x in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
-    expanded = expand_preset(argv)
-    model_args, data_args, training_args = parse_arguments(expanded)
+    try:  # every check of the command line, before anything loads
+        expanded = expand_preset(argv)
+        model_args, data_args, training_args = parse_arguments(expanded)
+    except UsageError as err:
+        usage_error(str(err))
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)], force=True)
     transformers.utils.logging.set_verbosity_warning()
-    if training_args.per_device_train_batch_size < 2:
-        raise ValueError("Batch-entropy is a statistic over the batch: --per_device_train_batch_size must be >= 2.")
-    if model_args.lbe_layers == "reference" and training_args.lbe_target_modules is not None:
-        raise ValueError("--lbe_layers reference and --lbe_target_modules both choose the layers: give one.")
-    jobs = plan_jobs(model_args, data_args)
     meta = provenance(argv, expanded)
 
     cpu = training_args.device.type == "cpu"
@@ -943,19 +1166,29 @@ def main(argv: list[str] | None = None) -> dict:
     # Auto: one worker per two logical CPUs. On the project's 2-vCPU machine two single-thread depth-500 runs side by
     # side took 275 ms per step each against 125-137 ms alone: no more steps per second than one (docs/vanilla.md).
     workers = data_args.workers or (max(1, (os.cpu_count() or 1) // 2) if cpu and threads == 1 else 1)
-    workers = max(1, min(workers, len(jobs)))
+    workers = max(1, min(workers, len(plan_jobs(model_args, data_args))))
+    jobs = plan_jobs(model_args, data_args, workers)
     meta["machine"].update(torch_threads_per_run=threads, workers=workers)
     if cpu:
         setup_process(model_args, training_args)
         logger.info(f"CPU: {threads} PyTorch thread(s) per run (--torch_threads), {workers} worker process(es) "
                     f"(--workers); subnormal floats {'flushed to zero' if model_args.flush_denormal else 'kept'}.")
     logger.info(f"{len(jobs)} runs: depths {model_args.depths}, runs {data_args.runs}, {data_args.num_seeds} seed(s)"
-                + (f", ceiling depth {model_args.ceiling_depth}" if any(j.kind == "ceiling" for j in jobs) else ""))
+                + (f", ceiling depth {model_args.ceiling_depth}" if any(j.kind == "ceiling" for j in jobs) else "")
+                + ("" if data_args.verbose else f"; each run's logs go to {training_args.output_dir}/<run>/ "
+                   "(--verbose prints them)"))
     os.makedirs(training_args.output_dir, exist_ok=True)
     results_path = os.path.join(training_args.output_dir, "results.json")
 
     start = time.perf_counter()
     results, records = [], {}
+    progress = Progress(jobs, workers)
+
+    def finished(job: Job, result: dict, record: dict) -> None:
+        results.append(result)
+        records[job.name] = record
+        print(progress.line(job, result), flush=True)
+        write()
 
     def write() -> dict:
         ordered = sorted(results, key=lambda r: ({"ceiling": 0, "baseline": 1, "lbe": 2}[r["run"]], r["depth"],
@@ -969,23 +1202,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     if workers == 1:
         for job in jobs:
-            result, record = run_job(job, expanded)
-            results.append(result)
-            records[job.name] = record
-            write()
+            finished(job, *run_job(job, expanded))
     else:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP pool
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                                    initargs=(threads or 1,)) as pool:
+                                                    initargs=(threads or 1, data_args.verbose)) as pool:
             futures = {pool.submit(run_job, job, expanded, True): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):
-                job = futures[future]
-                result, record = future.result()
-                results.append(result)
-                records[job.name] = record
-                logger.info(f"done {job.name}: test accuracy {100 * result['test_accuracy']:.1f}% in "
-                            f"{result['wall_time_s']:.0f} s")
-                write()
+                finished(futures[future], *future.result())
     report = write()
     ordered = report["runs"]
     depths = sorted({r["depth"] for r in ordered if r["run"] != "ceiling"})
@@ -996,14 +1220,15 @@ def main(argv: list[str] | None = None) -> dict:
         picture = os.path.join(training_args.output_dir, "batch_entropy.png")
         if not plot_entropy_heatmaps(ordered, records, picture):
             picture = None
+    print(f"\ntotal wall time {_duration(report['meta']['total_wall_time_s'])} ({workers} worker(s))")
+    print(f"results: {results_path}" + (f"\npicture: {picture}" if picture else "")
+          + f"\nper-run logs: {os.path.join(training_args.output_dir, '<run>', 'trainer_log.jsonl')} and run.log")
     print()
     if len(depths) == 1 and data_args.num_seeds == 1:
         print(format_table(ordered))
     else:
         print(format_frontier_table(report["summary"]))
         print("\n" + interpret(report["summary"], training_args.max_steps))
-    print(f"\ntotal wall time {report['meta']['total_wall_time_s']:.0f} s ({workers} worker(s))")
-    print(f"results: {results_path}" + (f"\npicture: {picture}" if picture else ""))
     return report
 
 
