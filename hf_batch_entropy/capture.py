@@ -356,7 +356,7 @@ def select_capture(
                 raise
             activations, names = [], []
         if activations:
-            logger.info(f"LBE regularizes {_describe(names)} (hidden_states).")
+            logger.info(f"Batch-entropy layers: {_describe(names)} (hidden_states).")
             return capture, activations, names
         capture.remove()
         logger.warning(
@@ -372,7 +372,7 @@ def select_capture(
             "Check lbe_target_modules."
         )
     (logger.warning if target_modules is None else logger.info)(
-        f"LBE regularizes {_describe(names)} (forward_hooks)."
+        f"Batch-entropy layers: {_describe(names)} (forward_hooks)."
     )
     return capture, activations, names
 

@@ -195,6 +195,11 @@ class BatchEntropyMixin:
 
         self._capture, _, names = select_capture(unwrapped, self.args.lbe_target_modules, probe)
         self._tokens = TokenLayout(unwrapped)
+        if self.args.lbe_beta > 0:
+            logger.info(f"LBE regularizes these {len(names)} layers (lbe_beta={self.args.lbe_beta}).")
+        else:
+            logger.info(f"lbe_beta=0: the batch-entropy of these {len(names)} layers is measured and logged; the loss "
+                        "is not regularized.")
         if self.regularizer is not None and list(names) != self.regularizer.layer_names:
             # A regularizer restored from a checkpoint before any forward (a finished run): its α must be this model's.
             raise ValueError(

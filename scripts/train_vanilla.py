@@ -701,7 +701,7 @@ def run_job(job: Job, argv: list[str], in_worker: bool = False) -> tuple[dict, d
     run_dir = os.path.join(training_args.output_dir, job.name)
     os.makedirs(run_dir, exist_ok=True)
     beta = training_args.lbe_beta if job.kind == "lbe" else 0.0
-    with run_log(os.path.join(run_dir, "run.log"), data_args.verbose, beta):
+    with run_log(os.path.join(run_dir, "run.log"), data_args.verbose):
         return _run_job(job, model_args, data_args, training_args, run_dir, beta, in_worker)
 
 
@@ -806,21 +806,10 @@ class LogFileCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
 
 
-class _BaselineWording(logging.Filter):
-    """At β = 0 the trainer still says "LBE regularizes N layers" (hf_batch_entropy.capture) when it picks the
-    layers whose batch-entropy it measures; in a baseline run's log that line says what happens instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith("LBE regularizes "):
-            record.msg, record.args = "β = 0: LBE measures (does not regularize) " + message[16:], None
-        return True
-
-
 @contextlib.contextmanager
-def run_log(path: str, verbose: bool, beta: float):
+def run_log(path: str, verbose: bool):
     """While one run trains: every log line (INFO and up) also goes to its `run.log`; stdout keeps only warnings
-    unless --verbose; at β = 0 the capture's "LBE regularizes" line says that the layers are only measured."""
+    unless --verbose."""
     root = logging.getLogger()
     handler = logging.FileHandler(path, mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s - %(message)s", "%H:%M:%S"))
@@ -830,13 +819,9 @@ def run_log(path: str, verbose: bool, beta: float):
     root_level = root.level
     root.setLevel(logging.INFO)
     root.addHandler(handler)
-    capture_logger, wording = logging.getLogger("hf_batch_entropy.capture"), _BaselineWording()
-    if beta == 0:
-        capture_logger.addFilter(wording)
     try:
         yield
     finally:
-        capture_logger.removeFilter(wording)
         root.removeHandler(handler)
         handler.close()
         root.setLevel(root_level)

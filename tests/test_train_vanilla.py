@@ -130,10 +130,10 @@ def test_each_run_folder_holds_its_logs(tiny_frontier):
             text = f.read()
         # β = 0 runs say that the layers are measured, not regularized.
         if r["lbe_beta"] == 0:
-            assert "β = 0: LBE measures (does not regularize) " in text and "LBE regularizes" not in text
+            assert "lbe_beta=0: the batch-entropy of these" in text and "LBE regularizes" not in text
             assert r["regularized_layers"] == 0 and r["measured_layers"] == r["depth"]
         else:
-            assert "LBE regularizes " in text and "does not regularize" not in text
+            assert f"LBE regularizes these {r['depth']} layers" in text and "not regularized" not in text
             assert r["regularized_layers"] == r["measured_layers"] == r["depth"]
 
 
@@ -405,7 +405,7 @@ def test_cnn_single_run_verbose(tmp_path, capsys):
     assert (tmp_path / "batch_entropy.png").exists()
     # --verbose: the Trainer's log dicts (compact) and the run's log lines come back to stdout.
     out = capsys.readouterr().out
-    assert len(re.findall(r"^\{'loss': ", out, re.M)) == 3 and "LBE regularizes 4 layers" in out
+    assert len(re.findall(r"^\{'loss': ", out, re.M)) == 3 and "LBE regularizes these 4 layers" in out
     script.main(argv + ["--output_dir", str(tmp_path / "quiet")])
     out = capsys.readouterr().out
     assert "{'loss'" not in out and "LBE regularizes" not in out
