@@ -24,10 +24,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import __version__
+
 __all__ = ["cpu_model", "git", "provenance"]
 
-#: Versions recorded in every provenance, besides the ones a caller names.
-CORE_PACKAGES = ("torch", "transformers", "accelerate", "numpy", "hf-batch-entropy")
+#: Versions recorded in every provenance (besides this package's, as `hf_batch_entropy`, and the ones a caller names).
+CORE_PACKAGES = ("torch", "transformers", "accelerate", "numpy")
 
 
 def git(*args: str, cwd: str | None = None) -> str | None:
@@ -59,13 +61,16 @@ def _version(package: str) -> str | None:
         return None
 
 
-def provenance(argv: Sequence[str] | None = None, packages: Sequence[str] = (), **machine: Any) -> dict[str, Any]:
+def provenance(
+    argv: Sequence[str] | None = None, packages: Sequence[str] = (), repo: str | None = None, **machine: Any
+) -> dict[str, Any]:
     """The record of what produced a result.
 
     Args:
         argv: The command as run, script path first (default: `sys.argv`); recorded as `python <argv...>`, quoted for
             a shell, with the script's path relative to the current directory.
         packages: Distribution names whose versions are recorded besides `CORE_PACKAGES` (e.g. `"scikit-learn"`).
+        repo: The git checkout whose commit is recorded (default: the one this package is in).
         **machine: Facts about how the run used the machine (threads, processes, ...), added to `machine`.
 
     Returns:
@@ -77,7 +82,7 @@ def provenance(argv: Sequence[str] | None = None, packages: Sequence[str] = (), 
     argv = list(sys.argv if argv is None else argv)
     if argv and os.path.isabs(argv[0]):
         argv[0] = os.path.relpath(argv[0])
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", cwd=repo)
     cuda = None
     if "torch" in sys.modules:
         import torch
@@ -85,9 +90,10 @@ def provenance(argv: Sequence[str] | None = None, packages: Sequence[str] = (), 
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "command": shlex.join(["python", *argv]),
-        "commit": git("rev-parse", "HEAD"),
+        "commit": git("rev-parse", "HEAD", cwd=repo),
         "dirty": None if status is None else bool(status),
-        "versions": {"python": platform.python_version(), **{p: _version(p) for p in (*CORE_PACKAGES, *packages)}},
+        "versions": {"python": platform.python_version(), "hf_batch_entropy": __version__,
+                     **{p: _version(p) for p in (*CORE_PACKAGES, *packages)}},
         "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                     "cuda": cuda, **machine},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

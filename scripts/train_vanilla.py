@@ -55,9 +55,6 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,11 +66,11 @@ from torch.utils.data import Dataset
 from transformers import HfArgumentParser, PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 from transformers.activations import ACT2FN
 
-import hf_batch_entropy
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer, batch_entropies
 from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
 from hf_batch_entropy.diagnosis import DEFAULT_THRESHOLD
 from hf_batch_entropy.models import build_vanilla_model
+from hf_batch_entropy.provenance import provenance as record_provenance
 
 logger = logging.getLogger("train_vanilla")
 
@@ -497,45 +494,12 @@ def compute_accuracy(eval_pred) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def provenance(argv: list[str], expanded: list[str]) -> dict:
-    """What produced a results.json: the command line as typed (`command`) and with the preset's flags expanded
-    (`argv`), the commit (`git rev-parse HEAD`) and whether tracked files differed from it (`dirty`), the library
-    versions, and the machine (platform, CPU model, logical CPUs, PyTorch threads per run)."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    import sklearn
-
-    return {
-        "command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(os.path.abspath(__file__), REPO)] + argv),
-        "argv": expanded,
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": None if status is None else bool(status),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "hf_batch_entropy": hf_batch_entropy.__version__,
-                     "numpy": np.__version__, "scikit-learn": sklearn.__version__},
-        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    """What produced a results.json (`hf_batch_entropy.provenance`: the command line as typed, the commit and whether
+    tracked files differed from it, the library versions, the machine), plus the command line with the preset's flags
+    expanded (`argv`)."""
+    script = os.path.relpath(os.path.abspath(__file__), REPO)
+    return {**record_provenance([script, *argv], packages=["scikit-learn"], repo=REPO), "argv": expanded}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

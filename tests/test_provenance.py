@@ -18,7 +18,7 @@ def test_record_names_the_command_commit_versions_and_machine():
     assert record["command"] == "python scripts/x.py --flag 'two words'"
     assert record["versions"]["torch"] == torch.__version__
     assert record["versions"]["no-such-package"] is None and record["versions"]["safetensors"]
-    assert record["versions"]["hf-batch-entropy"] and record["versions"]["python"]
+    assert record["versions"]["hf_batch_entropy"] and record["versions"]["python"]
     assert record["machine"]["logical_cpus"] == os.cpu_count() and record["machine"]["torch_threads"] == 1
     assert record["machine"]["cpu"]
     assert (record["machine"]["cuda"] is not None) == torch.cuda.is_available()
