@@ -117,10 +117,29 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
+class ToyPixelDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32):
+        g = torch.Generator().manual_seed(0)
+        self.pixels, self.labels = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
+
+
+def tiny_vanilla_mlp():
+    from hf_batch_entropy.models import VanillaMLPConfig, VanillaMLPForImageClassification
+
+    torch.manual_seed(0)
+    return VanillaMLPForImageClassification(VanillaMLPConfig(depth=6, width=16))
+
+
 def run(part: str, out: str, use_cpu: bool, bf16: bool = False) -> dict:
     plain = part == "plain"
     output_dir = os.path.join(out, part)
-    overrides = {"max_steps": 2, "save_strategy": "no"} if part == "llama" else {}
+    overrides = {"max_steps": 2, "save_strategy": "no"} if part in ("llama", "vanilla") else {}
     overrides["bf16"] = bf16
     args = training_arguments(output_dir, use_cpu, plain=plain, **overrides)
     recorder = Recorder()
@@ -128,6 +147,8 @@ def run(part: str, out: str, use_cpu: bool, bf16: bool = False) -> dict:
     model, data = tiny_bert(), ToyTextDataset()
     if part == "llama":
         model, data = tiny_llama(), ToyCausalLMDataset()
+    elif part == "vanilla":
+        model, data = tiny_vanilla_mlp(), ToyPixelDataset()
     trainer = trainer_class(model=model, args=args, train_dataset=data, callbacks=[recorder])
     recorder.trainer = trainer
     if plain:
@@ -174,7 +195,7 @@ def skip_deepspeed_shm_build() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--parts", nargs="+", default=["full", "resume"], choices=["full", "resume", "plain", "llama"])
+    parser.add_argument("--parts", nargs="+", default=["full", "resume"], choices=["full", "resume", "plain", "llama", "vanilla"])
     parser.add_argument("--use_cpu", action="store_true", help="TrainingArguments.use_cpu (gloo on CPU)")
     parser.add_argument("--bf16", action="store_true", help="TrainingArguments.bf16 (GPUs)")
     args = parser.parse_args(argv)

@@ -67,7 +67,7 @@ ENGINES = {
     "ddp": ("ddp", ["full"]),
     "zero2": ("deepspeed_zero2", ["full", "resume"]),
     "zero3": ("deepspeed_zero3", ["full", "resume", "llama"]),
-    "fsdp2": ("fsdp", ["full", "resume", "plain", "llama"]),
+    "fsdp2": ("fsdp", ["full", "resume", "plain", "llama", "vanilla"]),
 }
 SCALE_OUT = ("zero2", "zero3", "fsdp2")
 
@@ -189,7 +189,7 @@ def test_the_engine_really_runs(launched, engine):
                 assert facts["model_class"].startswith("FSDP")
                 assert facts["dtensor_params"] == facts["num_params"]
                 assert facts["local_numel"] < facts["numel"]
-            if part != "llama":
+            if part not in ("llama", "vanilla"):
                 assert facts["numel"] == sum(p.numel() for p in _tiny_bert().parameters())
 
 
@@ -287,6 +287,22 @@ def test_a_llama_trains_and_saves(launched, engine):
     assert type(model).__name__ == "LlamaForCausalLM"
     loaded = model.state_dict()
     for k, v in run["llama"][0]["state_dict"].items():
+        assert torch.equal(loaded[k].to(v.dtype), v), k
+
+
+def test_the_vanilla_mlp_trains_and_saves_under_fsdp2(launched):
+    """A model without input embeddings (the vanilla MLP: pixels go straight into its first layer) goes through
+    accelerate's FSDP2 preparation, which asks every model for them, and its folder loads with the Auto classes."""
+    import hf_batch_entropy.models  # noqa: F401  (registers the vanilla configs with the Auto classes)
+    from transformers import AutoModelForImageClassification
+
+    run = launched("fsdp2")
+    for result in run["vanilla"]:
+        assert result["global_step"] == 2 and result["engine"]["distributed_type"] == "FSDP"
+        assert result["engine"]["local_numel"] < result["engine"]["numel"]
+    assert torch.equal(run["vanilla"][0]["alpha"], run["vanilla"][1]["alpha"])
+    loaded = AutoModelForImageClassification.from_pretrained(run["out"] / "vanilla").state_dict()
+    for k, v in run["vanilla"][0]["state_dict"].items():
         assert torch.equal(loaded[k].to(v.dtype), v), k
 
 
