@@ -70,9 +70,8 @@ def test_seq2seq_plain_arguments_are_upgraded(tmp_path):
 # --- TRL -------------------------------------------------------------------------------------------------------------
 
 
-def test_sft_trainer_with_the_mixin(tmp_path):
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
+def sft_with_lbe(trl, max_positions: int):
+    """TRL's SFTTrainer with the mixin, the word tokenizer and a 2-layer Llama for it (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     class SFTWithLBE(BatchEntropyMixin, trl.SFTTrainer):
@@ -82,7 +81,15 @@ def test_sft_trainer_with_the_mixin(tmp_path):
     tokenizer = word_tokenizer()
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=32, pad_token_id=0, eos_token_id=1))
+                                         max_position_embeddings=max_positions, pad_token_id=0, eos_token_id=1))
+    return SFTWithLBE, tokenizer, model
+
+
+def test_sft_trainer_with_the_mixin(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    SFTWithLBE, tokenizer, model = sft_with_lbe(trl, max_positions=32)
     texts = ["the cat sat on the mat", "a dog ran", "the big dog sat on a small rug and the cat ran", "a cat"] * 4
     config_cls = batch_entropy_config(trl.SFTConfig)
     args = config_cls(
@@ -107,16 +114,8 @@ def test_sft_trainer_packing_and_padding_free_are_regularized(tmp_path, mode):
     step is regularized (the gradient reaches the model) and α is trained and saved."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    class SFTWithLBE(BatchEntropyMixin, trl.SFTTrainer):
-        pass
-
-    torch.manual_seed(0)
-    tokenizer = word_tokenizer()
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1))
+    SFTWithLBE, tokenizer, model = sft_with_lbe(trl, max_positions=64)
     texts = ["the cat sat on the mat", "a dog ran", "the big dog sat on a small rug and the cat ran", "a cat"] * 8
     args = batch_entropy_config(trl.SFTConfig)(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,

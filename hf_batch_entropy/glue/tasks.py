@@ -12,8 +12,25 @@ __all__ = ["GLUE_TASKS", "LABEL_COLUMN", "GlueTask", "LabelSpec", "get_glue_task
 LABEL_COLUMN = "label"
 
 
+class _Labels:
+    """What `label_names` (class names in label-id order, or None for a real-valued label) says about the model's
+    output."""
+
+    label_names: tuple[str, ...] | list[str] | None
+
+    @property
+    def is_regression(self) -> bool:
+        """True when the label is a real number (STS-B's similarity score): num_labels = 1, mean-squared error."""
+        return self.label_names is None
+
+    @property
+    def num_labels(self) -> int:
+        """The size of the model's output: the number of classes, or 1 for regression."""
+        return 1 if self.label_names is None else len(self.label_names)
+
+
 @dataclass(frozen=True)
-class GlueTask:
+class GlueTask(_Labels):
     """One GLUE task: how its data looks, on the Hub and in the original TSV files, and how it is scored.
 
     Attributes:
@@ -36,16 +53,6 @@ class GlueTask:
     test_splits: tuple[str, ...] = ("test",)
     column_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     headerless_columns: tuple[str, ...] | None = None
-
-    @property
-    def is_regression(self) -> bool:
-        """True for STS-B, whose label is a similarity score in [0, 5]."""
-        return self.label_names is None
-
-    @property
-    def num_labels(self) -> int:
-        """The size of the model's output: the number of classes, or 1 for regression."""
-        return 1 if self.label_names is None else len(self.label_names)
 
     def column_names(self, canonical: str) -> tuple[str, ...]:
         """The names under which `canonical` may appear in a file: itself first, then the original GLUE names."""
@@ -118,7 +125,7 @@ def get_glue_task(name: str) -> GlueTask:
 
 
 @dataclass
-class LabelSpec:
+class LabelSpec(_Labels):
     """What the model predicts, resolved from the task or, without one, from the training file.
 
     Attributes:
@@ -130,13 +137,3 @@ class LabelSpec:
     sentence_keys: tuple[str, str | None]
     label_names: list[str] | None
     task: GlueTask | None = None
-
-    @property
-    def is_regression(self) -> bool:
-        """True when the label is a real number (num_labels = 1, mean-squared error)."""
-        return self.label_names is None
-
-    @property
-    def num_labels(self) -> int:
-        """The size of the model's output: the number of classes, or 1 for regression."""
-        return 1 if self.label_names is None else len(self.label_names)
