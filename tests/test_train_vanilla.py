@@ -5,8 +5,8 @@ reproducibility check: the stored configuration run twice here is identical, and
 
 from __future__ import annotations
 
+import ast
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -18,24 +18,15 @@ import numpy as np
 import pytest
 import torch
 
+import hf_batch_entropy.frontier as frontier
+from hf_batch_entropy.frontier import cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "train_vanilla.py")
 REPRO_JSON = os.path.join(REPO, "docs", "results", "vanilla_repro_depth4.json")
 
 TINY = ["--width", "16", "--max_steps", "20", "--logging_steps", "5", "--eval_steps", "10", "--learning_rate", "5e-3",
         "--per_device_train_batch_size", "64", "--disable_tqdm", "true"]
-
-
-def _load_script():
-    if "train_vanilla" in sys.modules:
-        return sys.modules["train_vanilla"]
-    # On sys.path too, so that the worker processes of --workers 2 (spawned) can import it by name.
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    spec = importlib.util.spec_from_file_location("train_vanilla", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_vanilla"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,11 +42,11 @@ def _restore_torch_globals():
 def tiny_frontier(tmp_path_factory):
     """Depths 4 and 8, 2 seeds, baseline + LBE + the ceiling, in two worker processes."""
     out = tmp_path_factory.mktemp("frontier")
-    script = _load_script()
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):  # what the job prints (the workers print nothing without --verbose)
-        report = script.main(["--depths", "4,8", "--num_seeds", "2", "--workers", "2", "--output_dir", str(out)] + TINY)
-    return out, report, script, stdout.getvalue()
+        report = frontier.main(["--depths", "4,8", "--num_seeds", "2", "--workers", "2", "--output_dir", str(out)]
+                               + TINY)
+    return out, report, frontier, stdout.getvalue()
 
 
 def test_frontier_runs_summary_and_picture(tiny_frontier):
@@ -157,30 +148,29 @@ def test_results_record_provenance(tiny_frontier):
 
 
 def test_provenance_tells_clean_dirty_and_no_repository(tmp_path, monkeypatch):
-    script = _load_script()
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
     (repo / "f.txt").write_text("a")
     _git(repo, "add", "f.txt")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
-    monkeypatch.setattr(script, "REPO", str(repo))
-    meta = script.provenance([], [])
+    monkeypatch.setattr(cli, "REPO", str(repo))
+    meta = cli.provenance([], [])
     assert meta["commit"] == _git(repo, "rev-parse", "HEAD") and meta["dirty"] is False
     (repo / "untracked.txt").write_text("x")  # untracked files do not count
-    assert script.provenance([], [])["dirty"] is False
+    assert cli.provenance([], [])["dirty"] is False
     (repo / "f.txt").write_text("b")
-    assert script.provenance([], [])["dirty"] is True
-    monkeypatch.setattr(script, "REPO", str(tmp_path / "not_a_repository"))
-    meta = script.provenance([], [])
+    assert cli.provenance([], [])["dirty"] is True
+    monkeypatch.setattr(cli, "REPO", str(tmp_path / "not_a_repository"))
+    meta = cli.provenance([], [])
     assert meta["commit"] is None and meta["dirty"] is None
 
 
 def test_workers_do_not_change_the_numbers(tiny_frontier, tmp_path):
     """A run gives the same numbers in this process as in a worker process, and whatever else is in the job."""
-    _, report, script, _ = tiny_frontier
-    alone = script.main(["--depths", "8", "--num_seeds", "2", "--runs", "lbe", "--workers", "1",
-                         "--output_dir", str(tmp_path)] + TINY)
+    _, report, _, _ = tiny_frontier
+    alone = frontier.main(["--depths", "8", "--num_seeds", "2", "--runs", "lbe", "--workers", "1",
+                           "--output_dir", str(tmp_path)] + TINY)
     by_name = {r["name"]: r for r in report["runs"]}
     for r in alone["runs"]:
         twin = by_name[r["name"]]
@@ -188,9 +178,8 @@ def test_workers_do_not_change_the_numbers(tiny_frontier, tmp_path):
 
 
 def test_single_pair_lbe_raises_entropy(tmp_path):
-    script = _load_script()
-    report = script.main(["--depth", "24", "--num_seeds", "1", "--workers", "1", "--seed", "0",
-                          "--output_dir", str(tmp_path)] + TINY)
+    report = frontier.main(["--depth", "24", "--num_seeds", "1", "--workers", "1", "--seed", "0",
+                            "--output_dir", str(tmp_path)] + TINY)
     baseline, lbe = sorted(report["runs"], key=lambda r: r["run"])
     assert (baseline["run"], lbe["run"]) == ("baseline", "lbe")
     assert baseline["init_checksum"] == lbe["init_checksum"]
@@ -201,32 +190,30 @@ def test_single_pair_lbe_raises_entropy(tmp_path):
     assert (tmp_path / "batch_entropy.png").stat().st_size > 10_000
     assert sorted(os.listdir(tmp_path)) == ["baseline_depth24_seed0", "batch_entropy.png", "lbe_depth24_seed0",
                                             "results.json"]
-    table = script.format_table(report["runs"])
+    table = frontier.format_table(report["runs"])
     assert table.splitlines()[0].split() == ["run", "baseline", "lbe"]
 
 
 def test_reference_layer_choice(tmp_path):
-    script = _load_script()
-    assert script.reference_target_modules("mlp", 5) == ["layers.1", "layers.2", "layers.3"]
-    assert script.reference_target_modules("cnn", 3) == ["layers.1", "layers.2", "fc"]
-    report = script.main(["--depth", "6", "--runs", "lbe", "--num_seeds", "1", "--workers", "1",
-                          "--lbe_layers", "reference", "--output_dir", str(tmp_path)] + TINY)
+    assert frontier.reference_target_modules("mlp", 5) == ["layers.1", "layers.2", "layers.3"]
+    assert frontier.reference_target_modules("cnn", 3) == ["layers.1", "layers.2", "fc"]
+    report = frontier.main(["--depth", "6", "--runs", "lbe", "--num_seeds", "1", "--workers", "1",
+                            "--lbe_layers", "reference", "--output_dir", str(tmp_path)] + TINY)
     (run,) = report["runs"]
     # The 4 middle layers are regularized; all 6 are still measured at the end.
     assert run["regularized_layers"] == 4 and run["num_layers"] == 6 and run["lbe_layers"] == "reference"
 
 
 def test_presets_are_flags_the_command_line_overrides():
-    script = _load_script()
-    argv = script.expand_preset(["--preset", "long", "--max_steps", "7"])
-    model_args, data_args, training_args = script.parse_arguments(argv)
+    argv = frontier.expand_preset(["--preset", "long", "--max_steps", "7"])
+    model_args, data_args, training_args = frontier.parse_arguments(argv)
     assert model_args.depths == "500" and data_args.runs == "lbe" and data_args.preset == "long"
     assert training_args.max_steps == 7 and training_args.learning_rate == pytest.approx(1e-4)
-    model_args, _, training_args = script.parse_arguments(script.expand_preset(["--depth", "30"]))
+    model_args, _, training_args = frontier.parse_arguments(frontier.expand_preset(["--depth", "30"]))
     assert model_args.depths == "30" and training_args.max_steps == 400  # the frontier's recipe
     assert training_args.lr_scheduler_kwargs == {"power": 2.0}
     with pytest.raises(ValueError, match="--preset"):
-        script.expand_preset(["--preset", "nope"])
+        frontier.expand_preset(["--preset", "nope"])
 
 
 # Tolerances of the comparison with the stored reference (a 4-layer MLP, baseline and LBE runs, 50 steps, float32),
@@ -259,7 +246,7 @@ def reference_run(tmp_path_factory):
         stored = json.load(f)
     argv = list(stored["meta"]["argv"])
     argv[argv.index("--output_dir") + 1] = str(tmp_path_factory.mktemp("repro"))
-    return stored, argv, _load_script().main(argv)
+    return stored, argv, frontier.main(argv)
 
 
 def test_same_host_same_software_is_exact(reference_run, tmp_path):
@@ -267,7 +254,7 @@ def test_same_host_same_software_is_exact(reference_run, tmp_path):
     _, argv, first = reference_run
     argv = list(argv)
     argv[argv.index("--output_dir") + 1] = str(tmp_path)
-    second = _load_script().main(argv)
+    second = frontier.main(argv)
     assert [_figures(r) for r in second["runs"]] == [_figures(r) for r in first["runs"]]
 
 
@@ -298,6 +285,9 @@ def test_other_cpu_kernels_stay_within_the_tolerance(reference_run, tmp_path):
     subprocess.run([sys.executable, SCRIPT] + argv, env=env, cwd=REPO, check=True, capture_output=True, timeout=300)
     with open(tmp_path / "results.json") as f:
         other = json.load(f)
+    # Run through the door, results.json records the documented command and this checkout's commit.
+    assert other["meta"]["command"].startswith("python scripts/train_vanilla.py ")
+    assert other["meta"]["commit"] == _git(REPO, "rev-parse", "HEAD")
     for new, old in zip(map(_figures, other["runs"]), map(_figures, here["runs"])):
         assert abs(new["test_accuracy"] - old["test_accuracy"]) <= ONE_EXAMPLE
         for key in ("test_loss", "train_loss", "entropies_end"):
@@ -312,8 +302,19 @@ def test_help_documents_every_flag():
                  "--preset", "--num_seeds", "--workers", "--lbe_layers", "--ceiling", "--ceiling_depth", "--verbose"):
         assert flag in result.stdout, flag
     # The measured times live in the README (one figure per command); --help and the docstring quote none.
-    text = result.stdout + _load_script().__doc__
+    text = result.stdout + ast.get_docstring(ast.parse(open(SCRIPT).read()))
     assert not re.search(r"\d\s*(min|minutes|s per|seconds)\b", text), re.findall(r".{40}\d\s*min.{20}", text)
+
+
+def test_module_entry_point_is_the_same_job():
+    """`python -m hf_batch_entropy.frontier` has the script's flags, and records itself as the command that ran."""
+    script = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    module = subprocess.run([sys.executable, "-m", "hf_batch_entropy.frontier", "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert module.returncode == 0 and module.stdout == script.stdout, module.stderr
+    as_module = cli.provenance([], [], ("-m", "hf_batch_entropy.frontier"))
+    assert as_module["command"] == "python -m hf_batch_entropy.frontier"
+    assert cli.provenance(["--depth", "3"], [])["command"] == "python scripts/train_vanilla.py --depth 3"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -333,9 +334,8 @@ def test_help_documents_every_flag():
 ])
 def test_bad_input_is_a_one_line_usage_error(tmp_path, capsys, argv, message):
     """Exit status 2 and one line on stderr naming the flag (and the valid choices), before anything is written."""
-    script = _load_script()
     with pytest.raises(SystemExit) as exit_info:
-        script.main(argv + ["--output_dir", str(tmp_path / "out")])
+        frontier.main(argv + ["--output_dir", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1
@@ -345,34 +345,31 @@ def test_bad_input_is_a_one_line_usage_error(tmp_path, capsys, argv, message):
 
 def test_run_order():
     """One worker: the table's order (the order cannot change one process's total time). Several: longest first."""
-    script = _load_script()
-    model_args, data_args, _ = script.parse_arguments(["--depths", "10,500", "--num_seeds", "2"])
-    names = [j.name for j in script.plan_jobs(model_args, data_args, workers=1)]
+    model_args, data_args, _ = frontier.parse_arguments(["--depths", "10,500", "--num_seeds", "2"])
+    names = [j.name for j in frontier.plan_jobs(model_args, data_args, workers=1)]
     assert names[:4] == ["ceiling_depth2_seed0", "ceiling_depth2_seed1", "baseline_depth10_seed0", "lbe_depth10_seed0"]
     assert names[-1] == "lbe_depth500_seed1" and len(names) == 10
-    names = [j.name for j in script.plan_jobs(model_args, data_args, workers=2)]
+    names = [j.name for j in frontier.plan_jobs(model_args, data_args, workers=2)]
     assert names[:2] == ["lbe_depth500_seed0", "lbe_depth500_seed1"] and names[-1] == "ceiling_depth2_seed1"
 
 
 def test_progress_line_estimates_the_time_left():
-    script = _load_script()
-    jobs = [script.Job("baseline", 10, 0), script.Job("baseline", 100, 0), script.Job("lbe", 100, 0)]
-    progress = script.Progress(jobs, workers=1)
+    jobs = [frontier.Job("baseline", 10, 0), frontier.Job("baseline", 100, 0), frontier.Job("lbe", 100, 0)]
+    progress = frontier.Progress(jobs, workers=1)
     # 35 s for a run of cost 10 + 25: 1 s per unit; 2 × 125 units left → 250 s.
     assert progress.line(jobs[0], {"test_accuracy": 0.834, "wall_time_s": 35.0}) == (
         "run 1/3  baseline  depth 10   seed 0  test accuracy  83.4%     35 s  (about 4.2 min left)")
     line = progress.line(jobs[1], {"test_accuracy": 0.1, "wall_time_s": 125.0})
     assert line == "run 2/3  baseline  depth 100  seed 0  test accuracy  10.0%    125 s  (about 2.1 min left)"
     assert "all done in" in progress.line(jobs[2], {"test_accuracy": 0.25, "wall_time_s": 125.0})
-    progress = script.Progress(jobs, workers=2)
+    progress = frontier.Progress(jobs, workers=2)
     assert progress.line(jobs[0], {"test_accuracy": 0.5, "wall_time_s": 35.0}).endswith("(about 2.1 min left)")
 
 
 def test_picture_titles_and_legend(tmp_path, monkeypatch):
-    script = _load_script()
     run = {"run": "baseline", "depth": 500, "lbe_beta": 0.0, "test_accuracy": 0.1, "seed_index": 0}
-    assert script.run_title(run) == "without LBE (β = 0), depth 500\ntest accuracy 10.0 % (seed 0)"
-    assert script.run_title(run | {"run": "lbe", "lbe_beta": 0.5, "test_accuracy": 0.254}) == (
+    assert frontier.run_title(run) == "without LBE (β = 0), depth 500\ntest accuracy 10.0 % (seed 0)"
+    assert frontier.run_title(run | {"run": "lbe", "lbe_beta": 0.5, "test_accuracy": 0.254}) == (
         "with LBE (β = 0.5), depth 500\ntest accuracy 25.4 % (seed 0)")
     # The frontier's legend lies below its axes, off the curves.
     import matplotlib.pyplot as plt
@@ -387,26 +384,25 @@ def test_picture_titles_and_legend(tmp_path, monkeypatch):
                 "test_accuracy_std": 0.0} for r in runs] + [
         {"run": "ceiling", "depth": 2, "seeds": 1, "test_accuracy_mean": 0.97, "test_accuracy_std": 0.0}]
     records = {r["name"]: {"steps": [10, 20], "entropies": [[1.0] * r["depth"], [0.5] * r["depth"]]} for r in runs}
-    script.plot_frontier(summary, runs, records, str(tmp_path / "frontier.png"))
+    frontier.plot_frontier(summary, runs, records, str(tmp_path / "frontier.png"))
     (fig,) = figures
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
     assert ax.get_legend().get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0
-    assert [a.get_title() for a in fig.axes[1:3]] == [script.run_title(r) for r in runs if r["depth"] == 30]
+    assert [a.get_title() for a in fig.axes[1:3]] == [frontier.run_title(r) for r in runs if r["depth"] == 30]
 
 
 def test_cnn_single_run_verbose(tmp_path, capsys):
-    script = _load_script()
     argv = ["--arch", "cnn", "--depth", "3", "--width", "4", "--max_steps", "6", "--logging_steps", "2",
             "--eval_strategy", "no", "--runs", "lbe", "--num_seeds", "1", "--workers", "1", "--disable_tqdm", "true",
             "--per_device_train_batch_size", "32"]
-    report = script.main(argv + ["--output_dir", str(tmp_path), "--verbose"])
+    report = frontier.main(argv + ["--output_dir", str(tmp_path), "--verbose"])
     assert len(report["runs"]) == 1 and report["runs"][0]["num_layers"] == 4  # 3 conv layers + the fully connected one
     assert (tmp_path / "batch_entropy.png").exists()
     # --verbose: the Trainer's log dicts (compact) and the run's log lines come back to stdout.
     out = capsys.readouterr().out
     assert len(re.findall(r"^\{'loss': ", out, re.M)) == 3 and "LBE regularizes these 4 layers" in out
-    script.main(argv + ["--output_dir", str(tmp_path / "quiet")])
+    frontier.main(argv + ["--output_dir", str(tmp_path / "quiet")])
     out = capsys.readouterr().out
     assert "{'loss'" not in out and "LBE regularizes" not in out
 
@@ -422,8 +418,7 @@ def test_local_image_folder_dataset(tmp_path):
         for i in range(12):
             pixels = (torch.rand(10, 10, generator=rng) * 255).to(torch.uint8).numpy()
             Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
-    script = _load_script()
-    report = script.main([
+    report = frontier.main([
         "--dataset", str(tmp_path / "images"), "--image_size", "6", "--depth", "3", "--width", "8",
         "--max_steps", "4", "--per_device_train_batch_size", "8", "--logging_steps", "2", "--eval_strategy", "no",
         "--runs", "lbe", "--num_seeds", "1", "--workers", "1", "--output_dir", str(tmp_path / "out"),
@@ -436,15 +431,13 @@ def test_local_image_folder_dataset(tmp_path):
 
 
 def test_interpretation_follows_the_numbers():
-    script = _load_script()
-
     def row(run, depth, acc, alive=None, layers=None):
         return {"run": run, "depth": depth, "seeds": 3, "test_accuracy_mean": acc, "test_accuracy_std": 0.01,
                 "alive_layers_mean": alive or depth, "num_layers": layers or depth}
 
     summary = [row("ceiling", 2, 0.97), row("baseline", 10, 0.8), row("lbe", 10, 0.7), row("baseline", 30, 0.1),
                row("lbe", 30, 0.3), row("baseline", 500, 0.1), row("lbe", 500, 0.1, alive=300, layers=500)]
-    text = script.interpret(summary, 400)
+    text = frontier.interpret(summary, 400)
     assert "chance (< 15%) from depth 30 on" in text and "learns up to depth 30 (30.0% ± 1.0)" in text
     assert "at depth 500 neither learns within 400 steps (LBE has revived 300 of its 500 layers" in text
     assert "2-layer network reaches 97.0% ± 1.0" in text
@@ -455,6 +448,6 @@ def test_interpretation_follows_the_numbers():
     summary[1], summary[2] = row("baseline", 10, 0.834), row("lbe", 10, 0.76)
     summary[1]["test_accuracy_std"], summary[2]["test_accuracy_std"] = 0.068, 0.039
     assert ("LBE gives 76.0% ± 3.9 against 83.4% ± 6.8 without: 7.4 points lower, within twice the standard error of "
-            "the difference over 3 seeds (9.1 points): no clear difference.") in script.interpret(summary, 400)
+            "the difference over 3 seeds (9.1 points): no clear difference.") in frontier.interpret(summary, 400)
     summary[4] = row("lbe", 30, 0.1)
-    assert "learns up to depth 10" in script.interpret(summary, 400)
+    assert "learns up to depth 10" in frontier.interpret(summary, 400)

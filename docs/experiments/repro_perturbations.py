@@ -32,7 +32,6 @@ import sys
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "scripts", "train_vanilla.py")
 
 CONFIGS = {
     # The configuration of the reproducibility test (docs/results/vanilla_repro_depth4.json).
@@ -63,17 +62,12 @@ CODE_CHANGES = {
 
 def child(argv: list[str]) -> None:
     """In the fresh process: apply the in-process perturbations, run the script, print the figures as JSON."""
-    import importlib.util
-
     import torch
 
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    spec = importlib.util.spec_from_file_location("train_vanilla", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules["train_vanilla"] = script
-    spec.loader.exec_module(script)
+    import hf_batch_entropy.frontier as frontier
+
     if os.environ.get("REPRO_PERTURB_ULP"):
-        getitem = script.ImageTensorDataset.__getitem__
+        getitem = frontier.ImageTensorDataset.__getitem__
 
         def perturbed(self, i):
             item = getitem(self, i)
@@ -81,12 +75,12 @@ def child(argv: list[str]) -> None:
             item["pixel_values"] = torch.nextafter(x, torch.full_like(x, float("inf")))
             return item
 
-        script.ImageTensorDataset.__getitem__ = perturbed
+        frontier.ImageTensorDataset.__getitem__ = perturbed
     if os.environ.get("REPRO_PERTURB_PIE"):
         import hf_batch_entropy.entropy as entropy
 
         entropy.PI_E *= float(os.environ["REPRO_PERTURB_PIE"])
-    report = script.main(argv)
+    report = frontier.main(argv)
     keys = ("name", "test_accuracy", "test_loss", "train_loss", "entropies_end", "eval_curve")
     print("FIGURES " + json.dumps([{k: r[k] for k in keys} for r in report["runs"]]))
 
