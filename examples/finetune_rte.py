@@ -64,3 +64,4 @@ majority = max(np.mean(np.array(data["validation"]["label"]) == c) for c in (0, 
 print(f"eval accuracy {metrics['eval_accuracy']:.3f} (majority class: {majority:.3f})")
 print("learned targets α:", [round(a, 3) for a in trainer.regularizer.alpha.tolist()])  # embeddings + 6 layers
 trainer.save_model()  # an ordinary Transformers model, plus α in batch_entropy_regularizer.*; or trainer.push_to_hub()
+trainer.accelerator.end_training()  # launched on several processes: ends the process group (ZeRO-3 needs it)

@@ -75,3 +75,4 @@ last = [h for h in trainer.state.log_history if "lbe_loss" in h][-1]
 print(f"task loss {last['task_loss']:.3f}, LBE loss {last['lbe_loss']:.4f}, "
       f"batch-entropy mean {last['batch_entropy_mean']:.3f} over {trainer.regularizer.num_layers} hidden states")
 trainer.save_model()
+trainer.accelerator.end_training()  # launched on several processes: ends the process group (ZeRO-3 needs it)

@@ -77,3 +77,4 @@ if cli.lbe_beta > 0:
           f"{trainer.regularizer.alpha.min().item():.2f} to {trainer.regularizer.alpha.max().item():.2f}")
 else:
     print(f"{trainer.regularizer.num_layers} ReLU outputs measured, none regularized (lbe_beta 0: plain Trainer)")
+trainer.accelerator.end_training()  # launched on several processes: ends the process group (ZeRO-3 needs it)

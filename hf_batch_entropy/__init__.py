@@ -2,18 +2,17 @@
 
 Peer, Keulen, Stabinger, Piater and Rodríguez-Sánchez, "Improving the Trainability of Deep Neural Networks through
 Layerwise Batch-Entropy Regularization", TMLR 2022.
+
+`import hf_batch_entropy` loads the core: the estimator, the regularizer, activation capture, the config and the
+trainer. The rest are subpackages imported on use: `hf_batch_entropy.glue` (GLUE data and its metric),
+`hf_batch_entropy.models` (the vanilla MLP/CNN, registered with the Auto classes when imported) and
+`hf_batch_entropy.diagnosis`.
 """
+
+import importlib
 
 from .config import BatchEntropyArguments, BatchEntropyConfig, BatchEntropySeq2SeqConfig, batch_entropy_config
 from .entropy import batch_entropies, batch_entropy
-from .glue import bundled_minilm_path, load_glue_files
-from .metrics import load_glue_metric
-from .models import (
-    VanillaCNNConfig,
-    VanillaCNNForImageClassification,
-    VanillaMLPConfig,
-    VanillaMLPForImageClassification,
-)
 from .regularizer import BatchEntropyRegularizer, LBEOutput
 from .trainer import BatchEntropyMixin, BatchEntropySeq2SeqTrainer, BatchEntropyTrainer
 
@@ -28,25 +27,28 @@ __all__ = [
     "BatchEntropySeq2SeqTrainer",
     "BatchEntropyTrainer",
     "LBEOutput",
-    "VanillaCNNConfig",
-    "VanillaCNNForImageClassification",
-    "VanillaMLPConfig",
-    "VanillaMLPForImageClassification",
     "batch_entropies",
     "batch_entropy",
     "batch_entropy_config",
-    "bundled_minilm_path",
     "diagnose",
-    "load_glue_files",
-    "load_glue_metric",
 ]
+
+# Names that live in a subpackage, imported when first asked for: `diagnose` so that `python -m
+# hf_batch_entropy.diagnosis` does not find its module already imported; the others so that the core does not load
+# GLUE parsing, scikit-learn or the vanilla models (whose import registers Auto classes) unless they are used.
+_ON_USE = {
+    "diagnose": "diagnosis",
+    "bundled_minilm_path": "glue",
+    "load_glue_files": "glue",
+    "load_glue_metric": "metrics",
+    "VanillaCNNConfig": "models",
+    "VanillaCNNForImageClassification": "models",
+    "VanillaMLPConfig": "models",
+    "VanillaMLPForImageClassification": "models",
+}
 
 
 def __getattr__(name: str):
-    # `diagnose` is imported on first use so that `python -m hf_batch_entropy.diagnosis` (the CLI) does not find its
-    # module already imported by the package.
-    if name == "diagnose":
-        from .diagnosis import diagnose
-
-        return diagnose
+    if name in _ON_USE:
+        return getattr(importlib.import_module(f".{_ON_USE[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

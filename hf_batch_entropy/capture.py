@@ -11,7 +11,11 @@ that chooses between them, `select_capture`:
 
 Hooks record only inside `capturing()` (the training forward), so evaluation, generation and the recomputation of
 gradient checkpointing cost nothing, and `collect` hands the tensors over and forgets them, so no activation outlives
-its step. A functional activation (`F.relu(x)` inside `forward`) has no module to hook: expose it as a module
+its step. A hooked module whose output is computed without gradients inside a forward that has them (reentrant
+gradient checkpointing runs the checkpointed blocks under `no_grad` and recomputes them in the backward, unseen) is
+an error: LBE's gradient could not reach it.
+
+Which positions of the captured activations are real tokens is `tokens.py`'s concern, not this module's. A functional activation (`F.relu(x)` inside `forward`) has no module to hook: expose it as a module
 (`self.act = nn.ReLU()`), or target the layer whose output you want (e.g. the `Linear` before it).
 """
 
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import REGEX_PREFIX
+from .config import REGEX_PREFIX, TargetModules
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,6 @@ __all__ = [
     "HiddenStatesCapture",
     "accepts_hidden_states",
     "default_target_modules",
-    "padding_masks",
     "resolve_target_modules",
     "select_capture",
 ]
@@ -63,7 +66,7 @@ def default_target_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
-def resolve_target_modules(model: nn.Module, targets: Any) -> list[tuple[str, nn.Module]]:
+def resolve_target_modules(model: nn.Module, targets: TargetModules) -> list[tuple[str, nn.Module]]:
     """The `(name, module)` pairs of `model` selected by `targets`, in `named_modules()` order.
 
     `targets` is, as PEFT's `target_modules`: `None` (the defaults, see `default_target_modules`); a string, taken as
@@ -125,11 +128,34 @@ def accepts_hidden_states(model: nn.Module) -> bool:
     )
 
 
+def _hidden_states_of(outputs: Any) -> list[tuple[str, Any]] | None:
+    """The `(key, states)` pairs of the hidden states in a model's `outputs` (`hidden_states`, or else the encoder's
+    then the decoder's), or `None` where it holds none."""
+
+    def get(key: str):
+        return outputs.get(key) if isinstance(outputs, dict) else getattr(outputs, key, None)
+
+    if outputs is None or isinstance(outputs, (tuple, list, torch.Tensor)):
+        return None
+    keys = ["hidden_states"] if get("hidden_states") is not None else ["encoder_hidden_states", "decoder_hidden_states"]
+    found = [(key, get(key)) for key in keys if get(key) is not None]
+    return found or None
+
+
+def _requires_grad(found: list[tuple[str, Any]]) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for _, states in found for x in states)
+
+
 class HiddenStatesCapture:
     """Regularize the `hidden_states` a Transformers model returns with `output_hidden_states=True`.
 
     The forward is asked for a `ModelOutput` (`return_dict=True`) so that the hidden states can be found by name;
     `restore` hands the caller a tuple again where it asked for one (`return_dict=False` in the inputs or the config).
+
+    The hidden states are also recorded, inside `capturing()`, from the first forward of the model (or of its
+    backbone) that returns them. A `compute_loss` that returns no outputs, or outputs of a second forward without
+    gradients (TRL's `SFTTrainer` scores tokens with a fused head that returns no hidden states, and runs a second,
+    no-grad forward for the logits), still has its regularized states taken from the forward that trains.
     """
 
     source = "hidden_states"
@@ -138,6 +164,14 @@ class HiddenStatesCapture:
         self._force_dict = model is not None and _accepts(model, "return_dict")
         self._config_wants_tuple = getattr(getattr(model, "config", None), "return_dict", True) is False
         self._wants_tuple = False
+        self._active = False
+        self._recorded: list[tuple[str, Any]] | None = None
+        self._warned_missing: set[str] = set()
+        self._handles = [module.register_forward_hook(self._record) for module in _models_returning_states(model)]
+
+    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._active and self._recorded is None:
+            self._recorded = _hidden_states_of(output)
 
     def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         prepared = {**inputs, "output_hidden_states": True}
@@ -149,22 +183,35 @@ class HiddenStatesCapture:
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
-        yield
+        self._active, self._recorded = True, None
+        try:
+            yield
+        finally:
+            self._active = False
 
-    @staticmethod
-    def collect(outputs: Any) -> tuple[list[torch.Tensor], list[str]]:
-        """The hidden states in `outputs` and their names: `hidden_states`, or else the encoder's then the decoder's."""
-
-        def get(key: str):
-            return outputs.get(key) if isinstance(outputs, dict) else getattr(outputs, key, None)
-
-        keys = ["hidden_states"] if get("hidden_states") is not None else ["encoder_hidden_states", "decoder_hidden_states"]
-        activations, names = [], []
-        for key in keys:
-            states = get(key)
-            if states is not None:
-                activations.extend(states)
-                names.extend(f"{key}.{i}" for i in range(len(states)))
+    def collect(self, outputs: Any = None) -> tuple[list[torch.Tensor], list[str]]:
+        """The hidden states and their names (`hidden_states.<i>`, or `encoder_hidden_states.<i>` then
+        `decoder_hidden_states.<i>`): those in `outputs`, or those recorded from the first forward when `outputs` has
+        none, or has them without gradients where the recorded ones have gradients. A `None` among them (a layer that
+        returned no state) is left out, its name logged once; the names of the others keep their index."""
+        recorded, self._recorded = self._recorded, None
+        found = _hidden_states_of(outputs)
+        if recorded is not None and (found is None or (_requires_grad(recorded) and not _requires_grad(found))):
+            found = recorded
+        activations, names, missing = [], [], []
+        for key, states in found or []:
+            for i, state in enumerate(states):
+                if state is None:
+                    missing.append(f"{key}.{i}")
+                    continue
+                activations.append(state)
+                names.append(f"{key}.{i}")
+        new = [name for name in missing if name not in self._warned_missing]
+        if new:
+            self._warned_missing.update(new)
+            logger.warning(
+                f"The model returned None for {', '.join(new)} among its hidden states: left out of LBE (said once)."
+            )
         return activations, names
 
     def restore(self, outputs: Any, keep_hidden_states: bool = False) -> Any:
@@ -177,13 +224,35 @@ class HiddenStatesCapture:
         return outputs
 
     def remove(self) -> None:
-        pass
+        """Remove the recording hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _models_returning_states(model: nn.Module | None) -> list[nn.Module]:
+    """The modules whose outputs may carry the hidden states: the model, the model under a PEFT wrapper, and its
+    backbone (`base_model`), each once."""
+    if model is None:
+        return []
+    chain = [model]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    chain.append(inner)
+    backbone = getattr(inner, "base_model", None)
+    if isinstance(backbone, nn.Module):
+        chain.append(backbone)
+    unique: list[nn.Module] = []
+    for module in chain:
+        if not any(module is seen for seen in unique):
+            unique.append(module)
+    return unique
 
 
 class ForwardHookCapture:
     """Regularize the outputs of chosen submodules, recorded by forward hooks.
 
-    A module called several times per forward (a shared activation) contributes one activation per call.
+    A module called several times per forward (a shared activation) contributes one activation per call. A module
+    whose output was computed without gradients inside a forward with gradients is an error (reentrant checkpointing).
     """
 
     source = "forward_hooks"
@@ -196,6 +265,7 @@ class ForwardHookCapture:
         self._activations: list[torch.Tensor] = []
         self._names: list[str] = []
         self._calls: dict[str, int] = {}
+        self._grad_enabled = False  # whether the forward inside `capturing()` computes gradients
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules]
 
     def _hook(self, name: str):
@@ -207,6 +277,14 @@ class ForwardHookCapture:
                 raise TypeError(
                     f"Module {name!r} ({type(module).__name__}) returned {type(output).__name__}, not a tensor: its "
                     "output cannot be regularized. Target a module that returns a tensor (lbe_target_modules)."
+                )
+            if self._grad_enabled and not torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"The output of {name!r} ({type(module).__name__}) was computed without gradients inside a training "
+                    "forward, so LBE's gradient cannot reach the layers before it. Reentrant gradient checkpointing does "
+                    "this (it runs the checkpointed blocks under no_grad and recomputes them in the backward): use "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False}, or leave the module out of "
+                    "lbe_target_modules."
                 )
             calls = self._calls.get(name, 0)
             self._calls[name] = calls + 1
@@ -220,7 +298,7 @@ class ForwardHookCapture:
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
-        self._active = True
+        self._active, self._grad_enabled = True, torch.is_grad_enabled()
         self._activations, self._names, self._calls = [], [], {}
         try:
             yield
@@ -278,8 +356,9 @@ def select_capture(
                 raise
             activations, names = [], []
         if activations:
-            logger.info(f"LBE regularizes {_describe(names)} (hidden_states).")
+            logger.info(f"Batch-entropy layers: {_describe(names)} (hidden_states).")
             return capture, activations, names
+        capture.remove()
         logger.warning(
             f"{type(model).__name__} returned no hidden_states with output_hidden_states=True; regularizing the "
             "outputs of its activation modules instead (set lbe_target_modules to choose)."
@@ -293,35 +372,10 @@ def select_capture(
             "Check lbe_target_modules."
         )
     (logger.warning if target_modules is None else logger.info)(
-        f"LBE regularizes {_describe(names)} (forward_hooks)."
+        f"Batch-entropy layers: {_describe(names)} (forward_hooks)."
     )
     return capture, activations, names
 
 
 def _describe(names: Sequence[str]) -> str:
     return f"{len(names)} layers: {', '.join(names[:8])}{' ... ' + names[-1] if len(names) > 8 else ''}"
-
-
-def padding_masks(
-    inputs: dict[str, Any], activations: Sequence[torch.Tensor], names: Sequence[str]
-) -> list[torch.Tensor | None]:
-    """The padding mask `(B, T)` of each activation, or `None` where it has none (see `batch_entropies`).
-
-    An encoder-decoder's decoder activations (`decoder_hidden_states.*`, or hooked modules under a `decoder*` module)
-    take `decoder_attention_mask`, or else `labels != -100` (the decoder inputs are the labels shifted right, so these
-    are its real positions); every other activation takes `attention_mask` (left or right padding alike). A mask
-    applies only where the activation's leading dimensions are the mask's: activations of other shapes (images, pooled
-    outputs) have none.
-    """
-    encoder = inputs.get("attention_mask")
-    decoder = inputs.get("decoder_attention_mask")
-    labels = inputs.get("labels")
-    if decoder is None and isinstance(labels, torch.Tensor) and labels.dim() == 2:
-        decoder = labels != -100
-    masks = []
-    for x, name in zip(activations, names):
-        in_decoder = name.startswith("decoder_") or any(part.startswith("decoder") for part in name.split(".")[:-1])
-        mask = decoder if in_decoder else encoder
-        fits = isinstance(mask, torch.Tensor) and mask.dim() == 2 and tuple(x.shape[:2]) == tuple(mask.shape)
-        masks.append(mask if fits else None)
-    return masks

@@ -17,16 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from dataclasses import dataclass, field
 
 from torch import nn
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-__all__ = ["BatchEntropyArguments", "BatchEntropyConfig", "BatchEntropySeq2SeqConfig", "batch_entropy_config"]
+from .regularizer import check_settings
+
+__all__ = [
+    "BatchEntropyArguments",
+    "BatchEntropyConfig",
+    "BatchEntropySeq2SeqConfig",
+    "TargetModules",
+    "batch_entropy_config",
+]
 
 REGEX_PREFIX = "re:"
+
+#: What `lbe_target_modules` takes: a regex string, or a list of module names (exact or dotted suffix, or
+#: `re:<regex>`) and module classes.
+TargetModules = str | list[str | type[nn.Module]] | None
 
 
 @dataclass
@@ -40,16 +51,47 @@ class BatchEntropyArguments:
         lbe_l = (H_l − max(lbe_alpha_min, |α_l|))²
         L     = L_task + lbe_beta · mean_l(lbe_l) · L_task
 
-    The fields, by concern:
-
-    > What the term does: `lbe_beta`, `lbe_alpha`, `lbe_alpha_min`, `lbe_alpha_learning_rate`.
-    > Which activations: `lbe_target_modules`, `lbe_ignore_padding`.
-    > How it is computed: `lbe_sync_entropy`, `lbe_fused`.
-    > What is reported: `lbe_log_per_layer`, `lbe_eval_entropy`.
-
     The defaults are those of the paper's reference implementation (β = α₀ = α_min = 0.5), tuned for training deep
     networks from scratch. For fine-tuning pretrained transformers the paper searched β ∈ {0.005, 0.01, 0.05} and
     α₀ ∈ {0.2, 0.3, 0.5, 0.8}.
+
+    Parameters:
+        > What the term does
+
+        lbe_beta (`float`, *optional*, defaults to `0.5`):
+            Weight β of the term. `0` turns LBE off: losses and updates are exactly the base trainer's, and the
+            entropies are still measured and logged.
+        lbe_alpha (`float`, *optional*, defaults to `0.5`):
+            Initial value α₀ of every layer's learnable target α_l, in nats per unit.
+        lbe_alpha_min (`float`, *optional*, defaults to `0.5`):
+            Floor of the targets: each layer is pulled towards `max(lbe_alpha_min, |α_l|)`.
+        lbe_alpha_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of α's own AdamW (no weight decay); `None`: the model's `learning_rate`. Either way it is
+            multiplied by the main schedule's current factor.
+
+        > Which activations
+
+        lbe_target_modules (`TargetModules`: `str`, `list[str | type[nn.Module]]` or `None`, *optional*, defaults to `None`):
+            The layers to regularize, as PEFT's `target_modules`: module names matched exactly or as a dotted suffix,
+            a regex string (on the command line `re:<regex>`), or module classes (from Python). `None`: the model's
+            `hidden_states`, else its activation modules, else every `Linear`/`Conv` layer.
+        lbe_ignore_padding (`bool`, *optional*, defaults to `True`):
+            Leave padding out of token-level entropies (`attention_mask`); `False` takes every position, as the
+            paper's code does.
+
+        > How it is computed
+
+        lbe_sync_entropy (`bool`, *optional*, defaults to `False`):
+            Entropies over the global batch of all processes (like `SyncBatchNorm`), with gradients through the merge.
+        lbe_fused (`bool`, *optional*, defaults to `True`):
+            One fused reduction over all same-shaped layers; `False` runs the per-layer reference loop (same numbers).
+
+        > What is reported
+
+        lbe_log_per_layer (`bool`, *optional*, defaults to `False`):
+            Also log each layer's entropy as `batch_entropy/layer_<i>`.
+        lbe_eval_entropy (`bool`, *optional*, defaults to `False`):
+            Also report `<prefix>_batch_entropy_mean/min` from `evaluate()` and `predict()`.
     """
 
     lbe_beta: float = field(
@@ -82,6 +124,8 @@ class BatchEntropyArguments:
             "2e-5) α hardly moves from α₀; set e.g. 1e-3 to let the targets adapt to each layer."
         },
     )
+    # Takes `TargetModules` (a regex string, names, or module classes); the hint is what the command line gives,
+    # because HfArgumentParser accepts no union but `X | None` for a multi-value flag.
     lbe_target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -96,10 +140,10 @@ class BatchEntropyArguments:
         default=True,
         metadata={
             "help": "Leave padding out of the batch-entropy of token-level activations: with an `attention_mask` in "
-            "the batch (and `decoder_attention_mask`, or labels other than -100, for decoder states), each unit's "
-            "variance at a position is taken over the examples that have a real token there, and positions with "
-            "fewer than two real tokens are left out. False takes every position, padding included, as the paper's "
-            "code does."
+            "the batch (and `decoder_attention_mask`, or labels other than -100, for an encoder-decoder's decoder "
+            "states), each unit's variance at a position is taken over the examples that have a real token there, "
+            "and positions with fewer than two real tokens are left out. False takes every position, padding "
+            "included, as the paper's code does. Packed (padding-free) batches are always measured per sequence."
         },
     )
     lbe_sync_entropy: bool = field(
@@ -196,17 +240,14 @@ def with_batch_entropy_fields(args: TrainingArguments) -> BatchEntropyArguments:
 
 
 def _validate_lbe_settings(args: BatchEntropyArguments) -> None:
-    """Reject `lbe_*` values that cannot work, naming the field and the fix; normalize `lbe_target_modules`."""
-    for name in ("lbe_beta", "lbe_alpha", "lbe_alpha_min", "lbe_alpha_learning_rate"):
-        value = getattr(args, name)
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}.")
-    if args.lbe_beta < 0:
-        raise ValueError(f"lbe_beta must be >= 0 (0 turns LBE off), got {args.lbe_beta}.")
-    if args.lbe_alpha_min < 0:
-        raise ValueError(f"lbe_alpha_min must be >= 0, got {args.lbe_alpha_min}.")
-    if args.lbe_alpha_learning_rate is not None and args.lbe_alpha_learning_rate < 0:
-        raise ValueError(f"lbe_alpha_learning_rate must be >= 0, got {args.lbe_alpha_learning_rate}.")
+    """Reject `lbe_*` values that cannot work, naming the field and the fix; normalize `lbe_target_modules`.
+
+    The numeric settings are the regularizer's and are checked by its own rule (`regularizer.check_settings`), so that
+    a config that passes here builds a regularizer, and one message names each problem."""
+    check_settings(
+        prefix="lbe_", beta=args.lbe_beta, alpha=args.lbe_alpha, alpha_min=args.lbe_alpha_min,
+        alpha_learning_rate=args.lbe_alpha_learning_rate,
+    )
     targets = args.lbe_target_modules
     if isinstance(targets, str):
         _compile_regex(targets)

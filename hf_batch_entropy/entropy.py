@@ -24,7 +24,13 @@ for padding). Then unit `u` at position `t` has the `n_t = Σ_b m_bt` values of 
     μ_u  = Σ_b m_bt·x_bu / n_t,      σ_u² = Σ_b m_bt·(x_bu − μ_u)² / (n_t − 1)
 
 and the layer's batch-entropy is the mean of `H_u` over the units at positions with `n_t ≥ 2` (others are left out).
-The same examples unpadded, padded on the right or on the left give the same value.
+The same examples unpadded, padded on the right or on the left give the same value. Padding is left out by selection,
+not by multiplying with the mask, so whatever the padded positions hold (NaN and inf included) never reaches the
+statistics or the gradients. A layer without any position of two real tokens has no batch-entropy: it is reported as
+not measured (`batch_entropies(..., return_measured=True)`) and its value is 0, never NaN.
+
+Whether a batch can be measured at all is decided in one place, `is_measurable`: at least 2 examples, or any number
+when the statistics are pooled across processes (`pools_across_processes`), where the global batch decides.
 
 Everything is computed in float32 whatever the activations' dtype or autocast: bf16 has 8 bits of mantissa, too few for
 a variance, and fp16 variances over- and underflow.
@@ -38,7 +44,16 @@ from collections.abc import Hashable, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["batch_entropy", "batch_entropies", "entropy_from_variance", "unit_mask"]
+from ._compat import order_backward
+
+__all__ = [
+    "batch_entropies",
+    "batch_entropy",
+    "entropy_from_variance",
+    "is_measurable",
+    "pools_across_processes",
+    "unit_mask",
+]
 
 PI_E = math.pi * math.e
 
@@ -60,12 +75,26 @@ def entropy_from_variance(var: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.log1p(PI_E * var)
 
 
-def _as_units(x: torch.Tensor, what: str = "activations", to_float: bool = True, min_batch: int = 2) -> torch.Tensor:
-    """`(B, ...)` → `(B, U)` (float32 unless `to_float=False`), after checking that a batch-entropy exists: `B ≥ 2`,
-    or `B ≥ min_batch` where the batch is pooled with other processes'."""
+def pools_across_processes(sync: bool) -> bool:
+    """Whether batch statistics are pooled across processes: `sync` (`lbe_sync_entropy`) is asked for and an
+    initialized `torch.distributed` group has more than one process."""
+    return _sync_active(sync)
+
+
+def is_measurable(batch_size: int, sync: bool) -> bool:
+    """Whether a forward pass of `batch_size` examples (sequences, for token-level activations) has a batch-entropy:
+    the one rule, used by the estimator and the trainer alike. It needs 2 examples, or, where the statistics are pooled
+    across processes (`pools_across_processes`), any number: the global batch decides (a global batch of one gives an
+    infinite variance, which the callers' finiteness checks report)."""
+    return batch_size >= 2 or (batch_size >= 1 and pools_across_processes(sync))
+
+
+def _as_units(x: torch.Tensor, what: str = "activations", to_float: bool = True, sync: bool = False) -> torch.Tensor:
+    """`(B, ...)` → `(B, U)` (float32 unless `to_float=False`), after checking that a batch-entropy exists
+    (`is_measurable`)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"Batch-entropy needs a tensor of {what}, got {type(x).__name__}.")
-    if x.dim() == 0 or x.shape[0] < min_batch:
+    if x.dim() == 0 or not is_measurable(x.shape[0], sync):
         shape = tuple(x.shape)
         raise ValueError(
             f"Batch-entropy is a statistic over the batch and needs at least 2 examples; the {what} have shape "
@@ -87,11 +116,19 @@ def unit_mask(mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.
     return expanded.reshape(shape[0], -1)
 
 
-def _masked_layer_entropy(squares: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """`(L, U)` masked sums of squared deviations and `(U,)` counts → `(L,)` entropies over the units with count ≥ 2."""
+def _padding(mask: torch.Tensor) -> torch.Tensor:
+    """The padded entries (`True`) of a float unit mask `(B, U)`: what selection leaves out."""
+    return mask == 0
+
+
+def _masked_layer_entropy(squares: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(L, U)` masked sums of squared deviations and `(U,)` counts → `(L,)` entropies over the units with count ≥ 2,
+    and whether there is any such unit (a bool scalar). Without one the entropy is 0, not 0/0: the denominators are
+    clamped so that neither the value nor its gradient can be NaN."""
     valid = (count >= 2).to(squares.dtype)
     variance = squares / (count - 1).clamp_min(1)
-    return (entropy_from_variance(variance) * valid).sum(dim=-1) / valid.sum()
+    num_valid = valid.sum()
+    return (entropy_from_variance(variance) * valid).sum(dim=-1) / num_valid.clamp_min(1), num_valid > 0
 
 
 @torch.autocast("cuda", enabled=False)
@@ -105,27 +142,30 @@ def batch_entropy(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
 
     Returns:
         A float32 scalar: `mean_u ½·ln(π·e·σ_u² + 1)` with `σ_u` the unbiased standard deviation over the batch of
-        unit `u` of `x.flatten(1)` (over the real tokens only, with a mask). Differentiable.
+        unit `u` of `x.flatten(1)` (over the real tokens only, with a mask; 0 where no position has two). Differentiable.
     """
     units = _as_units(x)
     if mask is None:
         return entropy_from_variance(torch.var(units, dim=0, correction=1)).mean()
     m = unit_mask(mask.to(units.device), x.shape)
+    padding = _padding(m)
     count = m.sum(dim=0)
-    mean = (units * m).sum(dim=0) / count.clamp_min(1)
-    squares = ((units - mean) * m).square().sum(dim=0)
-    return _masked_layer_entropy(squares, count)
+    mean = units.masked_fill(padding, 0).sum(dim=0) / count.clamp_min(1)
+    squares = (units - mean).masked_fill(padding, 0).square().sum(dim=0)
+    return _masked_layer_entropy(squares, count)[0]
 
 
 def _squared_deviations(
     mean: torch.Tensor | None, layers: Sequence[torch.Tensor], mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(Σ_b m·(x − μ)²  (L, U), μ  (L, 1, U))` of same-shaped layers `(B, U)`, in float32; `μ` computed if `None`;
-    `m` the unit mask `(B, U)` (all ones if `None`)."""
+    `m` the unit mask `(B, U)` (all ones if `None`). Padded entries are replaced by 0 (selection, not a product, so a
+    NaN there stays out)."""
+    padding = _padding(mask) if mask is not None else None
     if len(layers) == 1:
         stacked = layers[0].unsqueeze(0).float()
-        if mask is not None:
-            stacked = stacked * mask  # a new tensor: `stacked` may be the layer itself
+        if padding is not None:
+            stacked = stacked.masked_fill(padding, 0)  # a new tensor: `stacked` may be the layer itself
         if mean is None:
             mean = _batch_mean(stacked, mask)
         centred = stacked - mean  # a new tensor, as above
@@ -133,13 +173,13 @@ def _squared_deviations(
         centred = torch.stack(layers)  # our own copy, masked and centred in place
         if centred.dtype != torch.float32:
             centred = centred.float()
-        if mask is not None:
-            centred.mul_(mask)
+        if padding is not None:
+            centred.masked_fill_(padding, 0)
         if mean is None:
             mean = _batch_mean(centred, mask)
         centred.sub_(mean)
-    if mask is not None:
-        centred.mul_(mask)  # the padding, now at −μ, back to 0
+    if padding is not None:
+        centred.masked_fill_(padding, 0)  # the padding, now at −μ, back to 0
     return centred.square_().sum(dim=1), mean
 
 
@@ -161,7 +201,8 @@ class _SquaredDeviations(torch.autograd.Function):
         ∂/∂x_lbu = 2·(x_lbu − μ_lu) · grad_lu
 
     With a unit mask `m` `(B, U)` (padding), the sums run over the masked-in examples and `μ` is their mean, which is
-    stationary in the same way, and `∂/∂x_lbu = 2·m_bu·(x_lbu − μ_lu)·grad_lu`.
+    stationary in the same way, and `∂/∂x_lbu = 2·(x_lbu − μ_lu)·grad_lu` where `m_bu = 1`, exactly 0 where `m_bu = 0`
+    (selected, so a NaN at a padded position does not reach the model's backward either).
 
     Autograd would save the stacked `(L, B, U)` copy (and the centred one) for the backward; this saves only `μ` and
     the layers themselves, which the model keeps alive for its own backward anyway, in their own dtype (a bf16 layer
@@ -195,8 +236,8 @@ class _SquaredDeviations(torch.autograd.Function):
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`x · mask`, in place (`x` is a fresh tensor of ours); `x` itself without a mask."""
-    return x if mask is None else x.mul_(mask)
+    """`x` with its padded entries set to 0, in place (`x` is a fresh tensor of ours); `x` itself without a mask."""
+    return x if mask is None else x.masked_fill_(_padding(mask), 0)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -255,14 +296,7 @@ def _schedule_with_layers(output: torch.Tensor, layers: list[torch.Tensor]) -> N
     just before that layer's backward: one chunk of gradients exists at a time. Only the order changes (the node's
     dependencies are the same); skipped where the private hook is missing or under `torch.compile`.
     """
-    if torch.compiler.is_compiling():
-        return
-    node = output.grad_fn
-    if node is None or not hasattr(node, "_set_sequence_nr"):
-        return
-    numbers = [x.grad_fn._sequence_nr() for x in layers if x.grad_fn is not None]
-    if numbers:
-        node._set_sequence_nr(max(numbers))
+    order_backward(output, layers)
 
 
 def _local_squares(
@@ -295,7 +329,8 @@ def _global_squares(
         sums, counts = [], []
         for chunk in chunks:
             mask = masks[chunk[0]]
-            layer_sums = [units[i].float() if mask is None else units[i].float() * mask for i in chunk]
+            layer_sums = [units[i].float() if mask is None else units[i].float().masked_fill(_padding(mask), 0)
+                          for i in chunk]
             sums.append(torch.stack([x.sum(dim=0) for x in layer_sums]))
             counts.append(
                 torch.full((1,), float(units[0].shape[0]), device=device) if mask is None else mask.sum(dim=0).to(device)
@@ -334,7 +369,8 @@ def batch_entropies(
     fused: bool = True,
     sync: bool = False,
     masks: Sequence[torch.Tensor | None] | None = None,
-) -> torch.Tensor:
+    return_measured: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Batch-entropies of many layers at once.
 
     Args:
@@ -346,10 +382,14 @@ def batch_entropies(
             taking the entropy, so that the batch is the global one. A no-op without an initialized process group.
         masks: optional padding masks, one per layer (`None` for a layer without padding): a `(B, T)` mask of real
             tokens for token-level activations `(B, T, ...)`. Layers sharing one mask tensor share its expansion.
+        return_measured: also return which layers have a batch-entropy (see Returns).
 
     Returns:
         A float32 tensor of shape `(L,)` on the device of the first layer: `H_l = mean_u ½·ln(π·e·σ_lu² + 1)` in layer
-        order (over the units at positions with at least two real tokens, where masked). Differentiable.
+        order (over the units at positions with at least two real tokens, where masked; 0 for a masked layer without
+        any such position). Differentiable. With `return_measured=True`, the pair `(H, measured)`: `measured` is a
+        bool tensor `(L,)`, False for a masked layer without any position of two real tokens (across processes where
+        pooled), or `None` where no layer is masked (then every layer is measured).
     """
     if len(activations) == 0:
         raise ValueError("batch_entropies got no activations: there is no layer to regularize.")
@@ -357,26 +397,31 @@ def batch_entropies(
         raise ValueError(f"Got {len(masks)} masks for {len(activations)} layers: give one per layer (None: no mask).")
     distributed = _sync_active(sync)
     fused = fused or distributed
-    # Pooled across processes, one example here is enough: the global batch decides (a global batch of one gives
-    # an infinite variance, which the callers' finiteness checks report).
-    min_batch = 1 if distributed else 2
-    units = [
-        _as_units(x, f"activations of layer {i}", to_float=not fused, min_batch=min_batch)
-        for i, x in enumerate(activations)
-    ]
+    units = [_as_units(x, f"activations of layer {i}", to_float=not fused, sync=sync) for i, x in enumerate(activations)]
     batch = units[0].shape[0]
     for i, x in enumerate(units):
         if x.shape[0] != batch:
             raise ValueError(
                 f"All layers must share the batch dimension: layer 0 has {batch} examples, layer {i} has {x.shape[0]}."
             )
+    any_mask = masks is not None and any(m is not None for m in masks)
     if masks is None:
         masks = [None] * len(units)
     if not fused:
-        return torch.stack([
+        entropies = torch.stack([
             entropy_from_variance(torch.var(x, dim=0, correction=1)).mean() if m is None else batch_entropy(a, m)
             for x, a, m in zip(units, activations, masks)
         ])
+        if not return_measured:
+            return entropies
+        measured = None
+        if any_mask:
+            measured = torch.stack([
+                torch.ones((), dtype=torch.bool, device=entropies.device) if m is None
+                else (m.sum(dim=0).max() >= 2).to(entropies.device)
+                for m in masks
+            ])
+        return entropies, measured
 
     # One float mask (B, U) per distinct (mask, layer shape), shared by the layers that have both.
     expanded: dict[tuple, torch.Tensor] = {}
@@ -394,7 +439,7 @@ def batch_entropies(
     chunks = [chunk for group in groups for chunk in group]
     squares, counts = (_global_squares if distributed else _local_squares)(units, chunks, activations, unit_masks)
     device = units[0].device
-    values, position = [], 0
+    values, flags, position = [], [], 0
     for group in groups:
         group_squares = squares[position : position + len(group)]
         count = counts[position]
@@ -402,13 +447,17 @@ def batch_entropies(
         sq = torch.cat(group_squares) if len(group_squares) > 1 else group_squares[0]
         if unit_masks[group[0][0]] is None:
             entropy = entropy_from_variance(sq / (count - 1)).mean(dim=1)
+            measured = torch.ones((), dtype=torch.bool, device=device)
         else:
-            entropy = _masked_layer_entropy(sq, count.to(sq.device))
+            entropy, measured = _masked_layer_entropy(sq, count.to(sq.device))
         values.append(entropy.to(device))
+        flags.append(measured.to(device).expand(sq.shape[0]))
     entropies = torch.cat(values) if len(values) > 1 else values[0]
+    measured = (torch.cat(flags) if len(flags) > 1 else flags[0]) if any_mask and return_measured else None
     order = [i for chunk in chunks for i in chunk]
     if order != sorted(order):
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         entropies = entropies[inverse.to(device)]
-    return entropies
+        measured = measured[inverse.to(device)] if measured is not None else None
+    return (entropies, measured) if return_measured else entropies

@@ -37,6 +37,7 @@ __all__ = [
     "LBEOutput",
     "REGULARIZER_CONFIG_NAME",
     "REGULARIZER_WEIGHTS_NAME",
+    "check_settings",
     "raise_if_nonfinite",
 ]
 
@@ -83,13 +84,35 @@ class LBEOutput:
     """`(H_l − target_l)²`, shape `(L,)`."""
     targets: torch.Tensor
     """`max(α_min, |α_l|)`, shape `(L,)`."""
+    measured: torch.Tensor | None = None
+    """Which layers had a batch-entropy this step, bool `(L,)`; `None` when every layer did (no padding masks)."""
 
 
-def _check_finite_setting(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}.")
-    return value
+def _measured_only(per_layer: torch.Tensor, measured: torch.Tensor | None) -> torch.Tensor:
+    """`per_layer` with the layers that were not measured set to 0 (selected: their value means nothing)."""
+    return per_layer if measured is None else per_layer.masked_fill(~measured, 0)
+
+
+def check_settings(prefix: str = "", **settings: float | None) -> dict[str, float | None]:
+    """Validate the regularizer's numeric settings: the one place, used by the constructor, `configure_optimizer` and
+    `BatchEntropyConfig` (which passes `prefix="lbe_"`, so that messages name its fields).
+
+    Accepted keywords: `beta` (β ≥ 0; 0 turns LBE off), `alpha` (α₀), `alpha_min` (≥ 0), `alpha_learning_rate`
+    (α's learning rate, ≥ 0; `None` allowed and kept); each finite. Returns them as floats.
+    """
+    checked = {}
+    for name, value in settings.items():
+        if value is None and name == "alpha_learning_rate":
+            checked[name] = None
+            continue
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{prefix}{name} must be a finite number, got {value}.")
+        if value < 0 and name != "alpha":
+            hint = " (0 turns LBE off)" if name == "beta" else ""
+            raise ValueError(f"{prefix}{name} must be >= 0{hint}, got {value}.")
+        checked[name] = value
+    return checked
 
 
 class BatchEntropyRegularizer(nn.Module):
@@ -132,11 +155,8 @@ class BatchEntropyRegularizer(nn.Module):
             raise ValueError(f"BatchEntropyRegularizer needs at least one layer, got num_layers={num_layers}.")
         if layer_names is not None and len(layer_names) != num_layers:
             raise ValueError(f"Got {len(layer_names)} layer names for {num_layers} layers.")
-        self.beta = _check_finite_setting("beta", beta)
-        self.alpha_init = _check_finite_setting("alpha", alpha)
-        self.alpha_min = _check_finite_setting("alpha_min", alpha_min)
-        if self.beta < 0 or self.alpha_min < 0:
-            raise ValueError(f"beta and alpha_min must be >= 0, got beta={self.beta}, alpha_min={self.alpha_min}.")
+        checked = check_settings(beta=beta, alpha=alpha, alpha_min=alpha_min)
+        self.beta, self.alpha_init, self.alpha_min = checked["beta"], checked["alpha"], checked["alpha_min"]
         self.fused = fused
         self.sync_entropy = sync_entropy
         self.check_finite = check_finite
@@ -161,10 +181,14 @@ class BatchEntropyRegularizer(nn.Module):
         return self.alpha.abs().clamp_min(self.alpha_min)
 
     def entropies(
-        self, activations: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None = None
-    ) -> torch.Tensor:
+        self,
+        activations: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor | None] | None = None,
+        return_measured: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Batch-entropies `(L,)` of the activations (with their padding masks, if any; see `batch_entropies`), after
-        checking that they are the layers this regularizer has."""
+        checking that they are the layers this regularizer has; with `return_measured`, also which layers have one
+        (`None`: all)."""
         if len(activations) != self.num_layers:
             raise ValueError(
                 f"The model produced {len(activations)} regularized activations this step, but the regularizer has "
@@ -173,10 +197,21 @@ class BatchEntropyRegularizer(nn.Module):
                 "varying number of times) must be regularized on a fixed set of layers; choose them with "
                 "`lbe_target_modules`."
             )
-        entropies = batch_entropies(activations, fused=self.fused, sync=self.sync_entropy, masks=masks)
+        entropies, measured = batch_entropies(
+            activations, fused=self.fused, sync=self.sync_entropy, masks=masks, return_measured=True
+        )
         if self.check_finite:
             raise_if_nonfinite(~torch.isfinite(entropies), self.layer_names)
-        return entropies
+        return (entropies, measured) if return_measured else entropies
+
+    @staticmethod
+    def _layer_mean(per_layer: torch.Tensor, measured: torch.Tensor | None) -> torch.Tensor:
+        """`mean_l` over the measured layers (all where `measured` is None); 0, not NaN, when none is measured, so that
+        the step trains on the task loss alone."""
+        if measured is None:
+            return per_layer.mean()
+        weight = measured.to(per_layer.dtype)
+        return (per_layer * weight).sum() / weight.sum().clamp_min(1)
 
     def forward(
         self,
@@ -193,7 +228,10 @@ class BatchEntropyRegularizer(nn.Module):
                 entropies then leave padding out (`batch_entropies`).
 
         Returns:
-            An `LBEOutput` whose `loss` is `L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task`.
+            An `LBEOutput` whose `loss` is `L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task`, the mean over the
+            layers that have a batch-entropy this step (a masked layer without two real tokens at any position has
+            none: its `lbe_per_layer` is 0 and it is left out; with none left the loss is `L_task`). `measured` says
+            which layers counted.
         """
         if task_loss.dim() != 0:
             raise ValueError(f"task_loss must be a scalar, got shape {tuple(task_loss.shape)}.")
@@ -201,8 +239,8 @@ class BatchEntropyRegularizer(nn.Module):
         if self.beta == 0.0:
             # Measured but not trained: the loss, and so every gradient, is exactly the task's.
             with torch.no_grad():
-                entropies = self.entropies(activations, masks)
-                lbe_per_layer = (entropies - targets).square()
+                entropies, measured = self.entropies(activations, masks, return_measured=True)
+                lbe_per_layer = _measured_only((entropies - targets).square(), measured)
             return LBEOutput(
                 loss=task_loss,
                 task_loss=task_loss,
@@ -210,10 +248,11 @@ class BatchEntropyRegularizer(nn.Module):
                 entropies=entropies,
                 lbe_per_layer=lbe_per_layer,
                 targets=targets.detach(),
+                measured=measured,
             )
-        entropies = self.entropies(activations, masks)
-        lbe_per_layer = (entropies - targets).square()
-        lbe_loss = self.beta * lbe_per_layer.mean() * task_loss.float()
+        entropies, measured = self.entropies(activations, masks, return_measured=True)
+        lbe_per_layer = _measured_only((entropies - targets).square(), measured)
+        lbe_loss = self.beta * self._layer_mean(lbe_per_layer, measured) * task_loss.float()
         return LBEOutput(
             loss=task_loss + lbe_loss.to(task_loss.dtype),
             task_loss=task_loss,
@@ -221,6 +260,7 @@ class BatchEntropyRegularizer(nn.Module):
             entropies=entropies,
             lbe_per_layer=lbe_per_layer,
             targets=targets.detach(),
+            measured=measured,
         )
 
     def extra_repr(self) -> str:
@@ -247,7 +287,9 @@ class BatchEntropyRegularizer(nn.Module):
             fused, foreach: torch's implementation switches. Choosing the model optimizer's makes `α`'s updates
                 bit-identical to those it would get as a parameter group of that optimizer.
         """
-        self.learning_rate = _check_finite_setting("lr", lr)
+        if lr is None:
+            raise ValueError("configure_optimizer needs a learning rate for α, got lr=None.")
+        self.learning_rate = check_settings(alpha_learning_rate=lr)["alpha_learning_rate"]
         self.optimizer = torch.optim.AdamW(
             [self.alpha], lr=self.learning_rate, betas=betas, eps=eps, weight_decay=0.0, fused=fused, foreach=foreach
         )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import math
 import statistics
 import sys
@@ -146,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 def _record(runs: list[dict], runs_dir: str) -> dict:
     """The runs with the LBE metrics each logged (from its trainer_state.json), and the machine and code they ran on
     (read at table time: run the table on the machine and commit that ran the sweep)."""
-    import platform
-    import subprocess
-
-    import torch
-    import transformers
+    from hf_batch_entropy.provenance import provenance
 
     for run in runs:
         state = Path(run["output_dir"]) / "trainer_state.json"
@@ -160,15 +155,7 @@ def _record(runs: list[dict], runs_dir: str) -> dict:
                 {k: v for k, v in entry.items() if k in ("step", "task_loss", "lbe_loss", "batch_entropy_mean", "batch_entropy_min")}
                 for entry in history if "lbe_loss" in entry
             ]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {
-        "runs_dir": runs_dir,
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count()},
-        "runs": runs,
-    }
+    return {"runs_dir": runs_dir, **provenance(sys.argv), "runs": runs}
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@
 #      with the regularizer, a CUDA training step under torch.cuda.set_sync_debug_mode("error"); plus the CPU tests of
 #      the same files;
 #   2. the CUDA benchmark, BatchEntropyTrainer vs Trainer: BERT-base (random init) and the depth-500 width-1000 vanilla
-#      MLP in bf16; then BERT-base with torch.compile.
+#      MLP in bf16; then BERT-base with torch.compile;
+#   4. with 2 GPUs or more: the engine tests (tests/test_engines.py: DDP, DeepSpeed ZeRO-2/3, FSDP2 through the bundled
+#      accelerate configs, and two machines on the loopback) on CUDA with NCCL and bf16; the differences to DDP go to
+#      engines.json with the card's name. DeepSpeed tests need `DS_BUILD_OPS=0 pip install "hf-batch-entropy[deepspeed]"`.
 # Needs torch, transformers and accelerate (no datasets, evaluate or MiniLM package). Run from the repository root:
 #     OUT=/tmp/gpu_check bash scripts/gpu_check.sh
-# Writes under $OUT: env.txt, tests.log, tests.xml, bench_cuda_bf16.{json,log}, bench_cuda_bf16_compile.{json,log}.
+# Writes under $OUT: env.txt, tests.log, tests.xml, bench_cuda_bf16.{json,log}, bench_cuda_bf16_compile.{json,log},
+# engines.{log,xml,json}.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -51,6 +55,17 @@ timeout ${COMPILE_TIMEOUT:-200} $PY scripts/benchmark.py --device cuda --bf16 --
     --rounds 2 --cases ${COMPILE_CASES:-bert-base} \
     --output "$OUT/bench_cuda_bf16_compile.json" > "$OUT/bench_cuda_bf16_compile.log" 2>&1 || status=1
 tail -n 12 "$OUT/bench_cuda_bf16_compile.log"
+
+echo "== 4. engines on 2 GPUs: DDP, DeepSpeed ZeRO-2/3, FSDP2, two machines on the loopback (NCCL, bf16) =="
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$NGPU" -ge 2 ]; then
+  HF_BATCH_ENTROPY_TEST_ENGINE_DEVICE=cuda HF_BATCH_ENTROPY_TEST_ENGINE_REPORT="$OUT/engines.json" \
+      timeout 600 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rs --durations=10 tests/test_engines.py \
+      --junitxml="$OUT/engines.xml" > "$OUT/engines.log" 2>&1 || status=1
+  tail -n 15 "$OUT/engines.log"
+else
+  echo "the engine tests need 2 GPUs or more (NCCL: one process per GPU); $NGPU found: not run" | tee "$OUT/engines.log"
+fi
 
 echo "gpu_check exit status: $status"
 exit $status

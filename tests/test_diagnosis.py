@@ -102,19 +102,24 @@ def test_digits_batches_shapes():
 
 
 def test_text_batches_use_fixed_sentences():
-    class Tok:
-        pad_token = "<pad>"
+    """With a real tokenizer (the bundled MiniLM's WordPiece): full rows of 16 real tokens, all distinct, and a
+    decoder-only tokenizer without a pad token gets its EOS token as padding."""
+    from transformers import AutoTokenizer
 
-        def __call__(self, sentences, **kw):
-            assert kw["max_length"] == 16 and kw["padding"] == "max_length"
-            words = [s.split()[:16] for s in sentences]
-            ids = torch.tensor([[sum(map(ord, w)) for w in ws] + [0] * (16 - len(ws)) for ws in words])
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    from hf_batch_entropy.glue import bundled_minilm_path
 
-    batches = text_batches(Tok(), num_batches=1, batch_size=16)
-    assert batches[0]["input_ids"].shape == (16, 16)
+    tokenizer = AutoTokenizer.from_pretrained(bundled_minilm_path())
+    batches = text_batches(tokenizer, num_batches=2, batch_size=16)
+    assert len(batches) == 2 and batches[0]["input_ids"].shape == (16, 16)
+    # The sentences are long enough that nothing is padded: every position of every row is a real token.
+    assert bool(batches[0]["attention_mask"].all()) and bool(batches[1]["attention_mask"].all())
     # Distinct sentences: otherwise the batch-entropy of a text model would be 0 by construction.
     assert len({tuple(r.tolist()) for r in batches[0]["input_ids"]}) == 16
+    tokenizer.pad_token, tokenizer.eos_token = None, "[SEP]"
+    text_batches(tokenizer, num_batches=1, batch_size=2)
+    assert tokenizer.pad_token == "[SEP]"
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        text_batches(tokenizer, batch_size=1)
 
 
 def test_pretrained_text_model_from_a_local_folder():

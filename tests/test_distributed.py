@@ -202,7 +202,8 @@ def test_resume_from_checkpoint(runs, resumed, reference):
 
 
 @pytest.mark.parametrize(
-    "name, distributed_type", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")]
+    "name, distributed_type",
+    [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED")],
 )
 def test_bundled_accelerate_configs_load(name, distributed_type):
     from accelerate.commands.config.config_args import load_config_from_file
@@ -212,7 +213,10 @@ def test_bundled_accelerate_configs_load(name, distributed_type):
     assert config.mixed_precision == "no"  # the training script's --bf16/--fp16 decide
     if name == "fsdp":
         assert config.fsdp_config["fsdp_version"] == 2
-    if name == "deepspeed_zero2":
-        assert config.deepspeed_config["zero_stage"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # a final folder from_pretrained loads
+    if name.startswith("deepspeed_zero"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    if name == "deepspeed_zero3":
+        assert config.deepspeed_config["zero3_save_16bit_model"] is True  # the weights gathered on save
     with pytest.raises(ValueError, match="Unknown accelerate configuration"):
         accelerate_configs.path("ddp3")

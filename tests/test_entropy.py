@@ -204,3 +204,54 @@ def test_masked_sync_path_matches_the_local_one(monkeypatch):
     batch_entropies(reference, masks=[mask, mask]).sum().backward()
     for layer, ref in zip(layers, reference):
         torch.testing.assert_close(layer.grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+# --- masks by selection ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_at_padded_positions_is_harmless(fused, bad):
+    x, mask = _ragged()
+    dirty = torch.where(mask.bool()[..., None], x, torch.full_like(x, bad))
+    layers = [x.clone().requires_grad_(), (x * 0.5).requires_grad_()]
+    dirty_layers = [dirty.clone().requires_grad_(), (dirty * 0.5).requires_grad_()]
+    clean = batch_entropies(layers, masks=[mask, mask], fused=fused)
+    values = batch_entropies(dirty_layers, masks=[mask, mask], fused=fused)
+    torch.testing.assert_close(values, clean)
+    values.sum().backward()
+    clean.sum().backward()
+    for d, c in zip(dirty_layers, layers):
+        assert torch.isfinite(d.grad).all()
+        torch.testing.assert_close(d.grad, c.grad)
+    assert torch.isfinite(batch_entropy(dirty, mask))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_layer_without_two_real_tokens_at_any_position_is_not_measured_and_never_nan(fused):
+    """A batch of two in which one example is empty: no position has two real tokens, so the masked layer has no
+    batch-entropy. It is reported as not measured, with value 0 and gradient 0, never NaN; unmasked layers are."""
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    image = torch.randn(2, 6, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+    values, measured = batch_entropies([x, image], masks=[mask, None], fused=fused, return_measured=True)
+    assert measured.tolist() == [False, True]
+    assert values[0].item() == 0.0 and torch.isfinite(values).all()
+    values.sum().backward()
+    assert (x.grad == 0).all() and torch.isfinite(image.grad).all()
+    assert batch_entropy(x, mask).item() == 0.0
+    full = torch.ones(2, 5, dtype=torch.long)
+    assert batch_entropies([x], masks=[full], return_measured=True)[1].tolist() == [True]
+    assert batch_entropies([x], return_measured=True)[1] is None  # no mask: every layer is measured
+
+
+def test_the_measurable_rule_is_one_function(monkeypatch):
+    """`is_measurable` decides for the estimator (and the trainer): 2 examples, or any number where pooled."""
+    import hf_batch_entropy.entropy as entropy
+
+    assert entropy.is_measurable(2, sync=False) and not entropy.is_measurable(1, sync=True)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        batch_entropies([torch.randn(1, 3)])
+    monkeypatch.setattr(entropy, "is_measurable", lambda batch_size, sync: False)
+    with pytest.raises(ValueError, match="at least 2 examples"):  # the estimator asks the rule, it keeps none of its own
+        batch_entropy(torch.randn(5, 3))

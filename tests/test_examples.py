@@ -21,9 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE_SAMPLES = os.path.join(REPO, "tests", "fixtures", "glue")
 
 
-def run_example(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_example(name: str, *args: str, check: bool = True, cwd=REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, os.path.join("examples", name), *args], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, os.path.join(REPO, "examples", name), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     if check:
         assert done.returncode == 0, done.stderr[-3000:]
@@ -41,14 +41,22 @@ def offline_command(name: str) -> list[str]:
     return [w.replace("path/to/glue", GLUE_SAMPLES) for w in words[2:]]
 
 
-def test_readme_usage_is_the_rte_example_verbatim():
+@pytest.mark.parametrize("section,name", [("## Quickstart", "quickstart.py"), ("## Usage", "finetune_rte.py")])
+def test_readme_code_is_the_example_verbatim(section, name):
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    with open(os.path.join(REPO, "examples", "finetune_rte.py"), encoding="utf-8") as f:
+    with open(os.path.join(REPO, "examples", name), encoding="utf-8") as f:
         example = f.read()
-    usage = readme[readme.index("## Usage"):]
-    block = re.search(r"```python\n(.*?)```", usage, flags=re.S).group(1)
+    block = re.search(r"```python\n(.*?)```", readme[readme.index(section):], flags=re.S).group(1)
     assert block == example
+
+
+def test_quickstart(tmp_path):
+    out = run_example("quickstart.py", cwd=tmp_path).stdout
+    logged = ast.literal_eval(out.strip().splitlines()[-1])
+    assert set(logged) == {"task_loss", "lbe_loss", "batch_entropy_mean", "batch_entropy_min", "lbe_alpha_mean"}
+    assert logged["lbe_loss"] > 0 and 0 < logged["batch_entropy_min"] <= logged["batch_entropy_mean"]
+    assert (tmp_path / "runs" / "quickstart" / "batch_entropy_regularizer.safetensors").is_file()
 
 
 @pytest.mark.parametrize("name", ["finetune_rte.py", "sft_with_lbe.py"])

@@ -282,7 +282,7 @@ def test_hub_loading_offline_says_how_to_use_local_files(monkeypatch):
         raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ConnectionError, match=r"Could not load GLUE task 'rte'.*--train_file.*--task_name rte"):
+    with pytest.raises(ConnectionError, match=r"Could not load GLUE task 'rte'.*load_glue_files.*--task_name rte --train_file"):
         load_glue_from_hub("RTE")
 
 

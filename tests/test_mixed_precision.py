@@ -124,9 +124,10 @@ class EntropySpy:
         real = regularizer_module.batch_entropies
 
         def spy(activations, **kwargs):
-            entropies = real(activations, **kwargs)
+            result = real(activations, **kwargs)
+            entropies = result[0] if isinstance(result, tuple) else result  # (entropies, measured) where asked
             self.calls.append(([a.dtype for a in activations], entropies.detach().float().cpu().clone()))
-            return entropies
+            return result
 
         monkeypatch.setattr(regularizer_module, "batch_entropies", spy)
 

@@ -70,9 +70,8 @@ def test_seq2seq_plain_arguments_are_upgraded(tmp_path):
 # --- TRL -------------------------------------------------------------------------------------------------------------
 
 
-def test_sft_trainer_with_the_mixin(tmp_path):
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
+def sft_with_lbe(trl, max_positions: int):
+    """TRL's SFTTrainer with the mixin, the word tokenizer and a 2-layer Llama for it (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     class SFTWithLBE(BatchEntropyMixin, trl.SFTTrainer):
@@ -82,7 +81,15 @@ def test_sft_trainer_with_the_mixin(tmp_path):
     tokenizer = word_tokenizer()
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                         max_position_embeddings=32, pad_token_id=0, eos_token_id=1))
+                                         max_position_embeddings=max_positions, pad_token_id=0, eos_token_id=1))
+    return SFTWithLBE, tokenizer, model
+
+
+def test_sft_trainer_with_the_mixin(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    SFTWithLBE, tokenizer, model = sft_with_lbe(trl, max_positions=32)
     texts = ["the cat sat on the mat", "a dog ran", "the big dog sat on a small rug and the cat ran", "a cat"] * 4
     config_cls = batch_entropy_config(trl.SFTConfig)
     args = config_cls(
@@ -98,6 +105,54 @@ def test_sft_trainer_with_the_mixin(tmp_path):
     assert len(logged) == 3 and all(h["lbe_loss"] > 0 and "batch_entropy/layer_2" in h for h in logged)
     assert any("mean_token_accuracy" in h for h in trainer.state.log_history)  # TRL's own metrics still flow
     trainer.save_model()  # pickles the made config class with the arguments
+    assert (tmp_path / "out" / REGULARIZER_WEIGHTS_NAME).is_file()
+
+
+@pytest.mark.parametrize("mode", ["packing", "padding_free"])
+def test_sft_trainer_packing_and_padding_free_are_regularized(tmp_path, mode):
+    """TRL's packed and padding-free batches are one row of several sequences: LBE reads their boundaries, so every
+    step is regularized (the gradient reaches the model) and α is trained and saved."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    SFTWithLBE, tokenizer, model = sft_with_lbe(trl, max_positions=64)
+    texts = ["the cat sat on the mat", "a dog ran", "the big dog sat on a small rug and the cat ran", "a cat"] * 8
+    args = batch_entropy_config(trl.SFTConfig)(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+        learning_rate=1e-3, save_strategy="no", report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
+        lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05,
+        **({"packing": True, "max_length": 32} if mode == "packing" else {"padding_free": True, "max_length": None}),
+    )
+    trainer = SFTWithLBE(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch  # one row of several sequences
+    seen = []
+
+    def record(module, args, output):
+        seen.append(output[0].requires_grad if isinstance(output, tuple) else output.requires_grad)
+
+    handle = model.model.layers[0].register_forward_hook(record)
+    with_grad = []
+    forward = BatchEntropyRegularizer.forward
+
+    def regularize(self, activations, task_loss, masks=None):
+        with_grad.append(all(a.requires_grad for a in activations[1:]))  # the layers' outputs carry LBE's gradient
+        return forward(self, activations, task_loss, masks)
+
+    BatchEntropyRegularizer.forward = regularize
+    try:
+        trainer.train()
+    finally:
+        BatchEntropyRegularizer.forward = forward
+        handle.remove()
+    assert with_grad == [True] * 3
+    logged = [h for h in trainer.state.log_history if "lbe_loss" in h]
+    assert len(logged) == 3 and all(h["lbe_loss"] > 0 for h in logged)
+    assert (trainer.regularizer.alpha.detach() < 2.0).all()  # α trained
+    # One forward per step, with gradients: the regularized states are those the model trains through (no second,
+    # no-grad forward to return outputs).
+    assert seen.count(True) == 3
+    trainer.save_model()
     assert (tmp_path / "out" / REGULARIZER_WEIGHTS_NAME).is_file()
 
 

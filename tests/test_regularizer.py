@@ -158,3 +158,35 @@ def test_constructor_validates():
         BatchEntropyRegularizer(0)
     with pytest.raises(ValueError, match="layer names"):
         BatchEntropyRegularizer(2, layer_names=["a"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("beta", -1.0), ("alpha_min", -0.5), ("alpha", float("nan")), ("beta", float("inf")),
+     ("alpha_learning_rate", -1e-3), ("alpha_learning_rate", float("nan")), ("alpha", -3.0), ("beta", 0.0)],
+)
+def test_the_config_validates_with_the_regularizers_rule(tmp_path, field, value):
+    """One rule for the lbe_* numbers: the config rejects exactly what the regularizer rejects, with the same message
+    under the config's field name."""
+    from hf_batch_entropy import BatchEntropyConfig
+
+    def regularizer_error():
+        try:
+            if field == "alpha_learning_rate":
+                BatchEntropyRegularizer(2).configure_optimizer(lr=value)
+            else:
+                BatchEntropyRegularizer(2, **{field: value})
+        except ValueError as err:
+            return str(err)
+        return None
+
+    def config_error():
+        try:
+            BatchEntropyConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **{f"lbe_{field}": value})
+        except ValueError as err:
+            return str(err)
+        return None
+
+    expected = regularizer_error()
+    assert config_error() == (None if expected is None else "lbe_" + expected)
+    assert (expected is None) == (field == "alpha" and value == -3.0 or value == 0.0)

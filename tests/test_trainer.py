@@ -623,7 +623,12 @@ def test_push_to_hub_uploads_an_ordinary_model_with_card_and_regularizer(tmp_pat
             shutil.copytree(folder_path, hub / repo_id, ignore=ignored)
             return SimpleNamespace(commit_url=f"local://{repo_id}")
 
-    monkeypatch.setattr(trainer_module, "hf_api", lambda: LocalHub())
+    local_hub = LocalHub()
+    if hasattr(trainer_module, "hf_api"):  # transformers >= 5.x: one client
+        monkeypatch.setattr(trainer_module, "hf_api", lambda: local_hub)
+    else:  # transformers 5.0: the functions
+        monkeypatch.setattr(trainer_module, "create_repo", local_hub.create_repo)
+        monkeypatch.setattr(trainer_module, "upload_folder", lambda **kwargs: local_hub.upload_folder(**kwargs))
     tokenizer = word_tokenizer()
     args = make_args(tmp_path, lbe_beta=0.5, save_strategy="steps", save_steps=2, hub_model_id="tiny-lbe")
     trainer = BatchEntropyTrainer(model=tiny_bert(), args=args,
@@ -654,3 +659,168 @@ def test_push_to_hub_uploads_an_ordinary_model_with_card_and_regularizer(tmp_pat
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     torch.testing.assert_close(torch.tensor(json.loads(done.stdout.strip().splitlines()[-1])), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- no silent failure --------------------------------------------------------------------------------------------------
+
+
+def test_compute_loss_that_bypasses_ours_is_an_error_at_the_first_log(tmp_path):
+    class OwnLoss(BatchEntropyTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            outputs = model(**inputs)  # no super(): the LBE term is never added
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    trainer = OwnLoss(model=tiny_bert(), args=make_args(tmp_path, lbe_beta=0.5), train_dataset=token_dataset())
+    with pytest.raises(RuntimeError, match="OwnLoss.compute_loss never reached BatchEntropyMixin.compute_loss.*super"):
+        trainer.train()
+    # With β = 0 there is nothing to miss: it trains as Trainer.
+    OwnLoss(model=tiny_bert(), args=make_args(tmp_path, lbe_beta=0.0), train_dataset=token_dataset()).train()
+
+
+def test_a_batch_with_one_real_example_trains_on_the_task_loss_not_nan(tmp_path, caplog):
+    """Batches of two in which one text is empty (all padding): no position has two real tokens. The step trains on
+    the task loss with one warning; nothing is NaN."""
+    real = token_dataset(n=1).rows[0]
+    empty = {**real, "attention_mask": torch.zeros_like(real["attention_mask"]), "labels": 1 - real["labels"]}
+    args = make_args(tmp_path, lbe_beta=0.5, per_device_train_batch_size=2, max_steps=3, logging_steps=1)
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=DictDataset([real, empty]))
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and all(h["lbe_loss"] == 0.0 and np.isfinite(h["loss"]) for h in logged)
+    assert sum("no position where two sequences hold a real token" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_none_among_hidden_states_is_left_out_and_named_once(tmp_path, caplog):
+    model = tiny_bert()
+
+    def drop_layer_one(module, args, output):
+        states = output.hidden_states
+        return type(output)(**{**output, "hidden_states": (states[0], None, *states[2:])}) if states else output
+
+    model.bert.register_forward_hook(drop_layer_one)
+    args = make_args(tmp_path, lbe_beta=0.5, max_steps=3, logging_steps=1)
+    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset())
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert trainer.regularizer.layer_names == ["hidden_states.0", "hidden_states.2"]
+    assert sum("hidden_states.1" in r.getMessage() and "None" in r.getMessage() for r in caplog.records) == 1
+    assert all(h["lbe_loss"] > 0 for h in trainer.state.log_history if "lbe_loss" in h)
+
+
+def test_reentrant_checkpointing_with_hooks_is_a_clear_error(tmp_path):
+    args = make_args(tmp_path, lbe_beta=1.0, gradient_checkpointing=True, lbe_target_modules=["intermediate_act_fn"],
+                     gradient_checkpointing_kwargs={"use_reentrant": True})
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
+    with pytest.raises(RuntimeError, match="intermediate_act_fn.*without gradients.*use_reentrant': False"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(("source", "reentrant"), [("hidden_states", False), ("hooks", False), ("hidden_states", True)])
+def test_checkpointed_lbe_gradient_is_the_non_checkpointed_one(tmp_path, source, reentrant):
+    """The gradient on the weights of one LBE step, with and without checkpointing (reentrant: hidden states, the
+    outputs of the checkpointed blocks; hooks inside them are an error, above)."""
+    targets = None if source == "hidden_states" else ["intermediate_act_fn"]
+    batch = {k: torch.stack([r[k] if isinstance(r[k], torch.Tensor) else torch.tensor(r[k]) for r in token_dataset(n=8).rows])
+             for k in ("input_ids", "attention_mask", "labels")}
+    grads = {}
+    for checkpointed in (False, True):
+        model = tiny_bert()
+        trainer = BatchEntropyTrainer(model=model, args=make_args(tmp_path, lbe_beta=1.0, lbe_target_modules=targets),
+                                      train_dataset=token_dataset())
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        trainer.compute_loss(model, batch).backward()
+        grads[checkpointed] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert_same_params(grads[True], grads[False], rtol=1e-5, atol=1e-7)
+
+
+def test_alpha_rate_with_a_user_optimizer_and_plateau_schedule_is_its_own(tmp_path):
+    """α's factor follows the model optimizer's relative change (1 here), never lr / args.learning_rate (×200)."""
+    model = tiny_bert()
+    args = make_args(tmp_path, lbe_beta=0.5, learning_rate=5e-5, lbe_alpha_learning_rate=1e-3,
+                     lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=2)
+    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(), eval_dataset=token_dataset(n=8),
+                                  optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-2), None))
+    trainer.train()
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    # After the plateau scheduler halves the model's rate, α's rate is halved too.
+    trainer.optimizer.param_groups[0]["lr"] = 5e-3
+    assert trainer._lr_factor() == pytest.approx(0.5)
+
+
+def test_alpha_moves_with_adafactors_relative_steps(tmp_path):
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    model = tiny_bert()
+    optimizer = Adafactor(model.parameters(), lr=None, relative_step=True, warmup_init=True, scale_parameter=True)
+    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05)
+    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(),
+                                  optimizers=(optimizer, AdafactorSchedule(optimizer)))
+    trainer.train()
+    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # warming up: factor 1
+    assert (trainer.regularizer.alpha.detach() < 2.0 - 0.05).all()  # α moved at its own rate (4 steps of ~0.05)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_lr_factor_is_lambda_or_initial_lr_ratio_for_torch_schedulers(tmp_path):
+    model = tiny_bert()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.25, total_iters=4)
+    trainer = BatchEntropyTrainer(model=model, args=make_args(tmp_path), train_dataset=token_dataset(),
+                                  optimizers=(optimizer, scheduler))
+    trainer.create_optimizer_and_scheduler(num_training_steps=4)
+    assert trainer._lr_factor() == pytest.approx(0.25)  # the warm-up's own factor, as λ for LambdaLR
+    scheduler.step()
+    assert trainer._lr_factor() == pytest.approx(0.25 + 0.75 / 4)
+
+
+def test_resume_true_without_a_checkpoint_raises_like_trainer(tmp_path):
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=make_args(tmp_path, lbe_beta=0.5), train_dataset=token_dataset())
+    with pytest.raises(ValueError, match="No valid checkpoint found"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0
+
+
+def test_resuming_a_finished_run_keeps_and_saves_its_alpha(tmp_path):
+    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05, save_strategy="steps",
+                     save_steps=4)
+    data = token_dataset(n=32)  # 4 steps of 8: the run ends with its epoch, and the checkpoint is at the end
+    first = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=data)
+    first.train()
+    alpha = first.regularizer.alpha.detach().clone()
+    assert not torch.equal(alpha, torch.full_like(alpha, 2.0))
+    again = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=data)
+    again.train(resume_from_checkpoint=True)  # checkpoint-4: no step left
+    torch.testing.assert_close(again.regularizer.alpha.detach(), alpha, rtol=0, atol=0)
+    again.save_model(str(tmp_path / "final"))
+    torch.testing.assert_close(BatchEntropyRegularizer.from_pretrained(tmp_path / "final").alpha.detach(), alpha)
+
+
+def test_unlabelled_predict_and_evaluate_report_entropies(tmp_path):
+    labelled = token_dataset(n=16)
+    unlabelled = DictDataset([{k: v for k, v in r.items() if k != "labels"} for r in labelled.rows])
+    args = make_args(tmp_path, lbe_eval_entropy=True)
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=labelled)
+    with_labels = trainer.predict(labelled).metrics
+    output = trainer.predict(unlabelled)
+    assert output.predictions.shape == (16, 2)  # the logits alone, as without LBE
+    assert output.metrics["test_batch_entropy_mean"] == pytest.approx(with_labels["test_batch_entropy_mean"], rel=1e-6)
+    evaluated = trainer.evaluate(unlabelled)
+    assert evaluated["eval_batch_entropy_min"] == pytest.approx(with_labels["test_batch_entropy_min"], rel=1e-6)
+
+
+def test_trainer_uses_the_estimators_pooling_rule(tmp_path, monkeypatch):
+    """Whether a batch of one can be measured is the estimator's `is_measurable`, not the trainer's own view of the
+    processes: pooled (a distributed group with lbe_sync_entropy), one example per process is accepted."""
+    import hf_batch_entropy.entropy as entropy
+
+    args = make_args(tmp_path, per_device_train_batch_size=1, lbe_sync_entropy=True)
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        trainer._check_batch_size()
+    monkeypatch.setattr(entropy, "_sync_active", lambda sync: sync)  # as in a group of several processes
+    trainer._check_batch_size()

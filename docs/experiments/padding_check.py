@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 
 import torch
-import transformers
 from transformers import AutoModel, AutoTokenizer
 
-import hf_batch_entropy
-from hf_batch_entropy import BatchEntropyRegularizer, bundled_minilm_path, load_glue_files
-from hf_batch_entropy.capture import padding_masks
+from hf_batch_entropy import BatchEntropyRegularizer
+from hf_batch_entropy.glue import bundled_minilm_path, load_glue_files
+from hf_batch_entropy.provenance import provenance
+from hf_batch_entropy.tokens import TokenLayout
 
 
 def main() -> dict:
@@ -47,7 +45,7 @@ def main() -> dict:
         for name, batch in (("unpadded (8 tokens)", unpadded), ("padded to 16 tokens", padded)):
             hidden = list(model(**batch, output_hidden_states=True).hidden_states)
             for ignore in (False, True):
-                masks = padding_masks(batch, hidden, [f"hidden_states.{i}" for i in range(7)]) if ignore else None
+                masks = TokenLayout(model).views(batch, hidden, [f"hidden_states.{i}" for i in range(7)])[1] if ignore else None
                 out = regularizer(hidden, torch.tensor(1.0), masks)
                 rows[f"{name}, lbe_ignore_padding={ignore}"] = {
                     "batch_entropy_mean": out.entropies.mean().item(),
@@ -58,24 +56,12 @@ def main() -> dict:
         print(f"{key:48s} batch-entropy mean {row['batch_entropy_mean']:.4f}   LBE loss {row['lbe_loss']:.5f}")
     result = {
         "rows": rows,
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "hf_batch_entropy": hf_batch_entropy.__version__},
-        "machine": {"platform": platform.platform(), "processor": _cpu()},
+        **provenance(sys.argv),
     }
     if cli.output:
         with open(cli.output, "w") as f:
             json.dump(result, f, indent=1)
     return result
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -15,17 +15,13 @@ Not part of the package or the tests: an experiment, one thread, ~0.08 s per Ada
 
 import argparse
 import math
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
-import train_vanilla as tv  # noqa: E402
-
-from hf_batch_entropy import batch_entropies  # noqa: E402
-from hf_batch_entropy.models import build_vanilla_model  # noqa: E402
+from hf_batch_entropy import batch_entropies
+from hf_batch_entropy.frontier import DEAD_ENTROPY, load_digits_split
+from hf_batch_entropy.models import build_vanilla_model
 
 RANK_LAYERS = (1, 5, 10, 50, 250, 500)
 STATS_LAYERS = (1, 5, 10, 50)
@@ -160,7 +156,7 @@ def main():
     torch.set_flush_denormal(True)
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
-    train, test, num_labels = tv.load_digits_split(0.2, 42)
+    train, test, num_labels = load_digits_split(0.2, 42)
     X = torch.stack([train[i]["pixel_values"] for i in range(len(train))])
     Y = torch.tensor([int(train[i]["labels"]) for i in range(len(train))])
     X_test = torch.stack([test[i]["pixel_values"] for i in range(len(test))])
@@ -216,7 +212,7 @@ def main():
                                       round(float((h > 0).float().mean()), 2)))
                 print("   mean/std/on", stats)
                 print(f"step {step} t {time.time() - start:.0f}s ce {ce.item():.3f} lbe {lbe.item():.3f} "
-                      f"alive {(H > tv.DEAD_ENTROPY).sum().item()} testacc {acc:.3f} Hmin {H_test.min():.2f} "
+                      f"alive {(H > DEAD_ENTROPY).sum().item()} testacc {acc:.3f} Hmin {H_test.min():.2f} "
                       f"ranks {ranks}", flush=True)
 
 

@@ -13,9 +13,10 @@ Modes, per width (depth 500 by default, batch 128, 8×8 inputs, subnormals flush
   (`on_step_begin` → `on_step_end`) and what happens between them (logging, evaluation, the next batch).
 
 Every time is the process's CPU time (`time.process_time`, one thread), which a shared machine inflates less than wall
-time; wall times are recorded too. `--repo PATH` imports `hf_batch_entropy` and `scripts/train_vanilla.py` from
-another checkout (e.g. the code before a change) with this script's measurement. Writes a JSON with the commit of the
-measured checkout, versions, machine and command:
+time; wall times are recorded too. `--repo PATH` imports `hf_batch_entropy` and the main job
+(`hf_batch_entropy.frontier`, or `scripts/train_vanilla.py` in a checkout from before that package) from another
+checkout (e.g. the code before a change) with this script's measurement. Writes a JSON with the commit of the measured
+checkout, versions, machine and command:
 
     python docs/experiments/step_bench.py --widths 64,256 --out docs/benchmarks/step_bench.json
     python docs/experiments/step_bench.py --repo ../before --widths 64 --out /tmp/before.json
@@ -35,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,13 +94,26 @@ def _spread(cpu_steps: list[float]) -> dict:
     return {"cpu_ms_step_median": 1000 * ordered[len(ordered) // 2], "cpu_ms_step_min": 1000 * ordered[0]}
 
 
+def main_job(repo: str) -> tuple[types.SimpleNamespace | types.ModuleType, types.ModuleType]:
+    """The main job's pieces in the measured checkout (first on sys.path): `expand_preset`, `parse_arguments`,
+    `setup_process`, `run_job`, `Job`, and the module whose `VanillaTrainer` `run_job` builds (to time its steps).
+    From the package `hf_batch_entropy.frontier`, or in a checkout from before it existed, from the script itself."""
+    if os.path.isdir(os.path.join(repo, "hf_batch_entropy", "frontier")):
+        from hf_batch_entropy.frontier import arguments, runs
+
+        return types.SimpleNamespace(expand_preset=arguments.expand_preset, parse_arguments=arguments.parse_arguments,
+                                     setup_process=runs.setup_process, run_job=runs.run_job, Job=runs.Job), runs
+    spec = importlib.util.spec_from_file_location("train_vanilla_bench", os.path.join(repo, "scripts", "train_vanilla.py"))
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up while the script's classes are built
+    spec.loader.exec_module(script)
+    return script, script
+
+
 def bench_main(repo: str, depth: int, width: int, steps: int, out_dir: str, extra: list[str]) -> dict:
     from transformers import TrainerCallback
 
-    spec = importlib.util.spec_from_file_location("train_vanilla_bench", os.path.join(repo, "scripts", "train_vanilla.py"))
-    tv = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tv  # dataclasses look their module up while the script's classes are built
-    spec.loader.exec_module(tv)
+    tv, trainer_home = main_job(repo)
     record = {"step_cpu": [], "between_cpu": [], "step_wall": []}
 
     class StepClock(TrainerCallback):
@@ -120,13 +135,13 @@ def bench_main(repo: str, depth: int, width: int, steps: int, out_dir: str, extr
             record["step_cpu"].append(self.last_end[0] - self.begin[0])
             record["step_wall"].append(self.last_end[1] - self.begin[1])
 
-    base = tv.VanillaTrainer
+    base = trainer_home.VanillaTrainer
 
     class Timed(base):
         def __init__(self, *a, callbacks=None, **k):
             super().__init__(*a, callbacks=list(callbacks or []) + [StepClock()], **k)
 
-    tv.VanillaTrainer = Timed
+    trainer_home.VanillaTrainer = Timed
     argv = ["--depths", str(depth), "--runs", "lbe", "--num_seeds", "1", "--no_ceiling", "--workers", "1",
             "--width", str(width), "--max_steps", str(steps), "--disable_tqdm", "true", "--output_dir", out_dir] + extra
     expanded = tv.expand_preset(argv)

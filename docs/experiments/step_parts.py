@@ -25,7 +25,6 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "scripts"))
 
 
 def median_ms(fn, reps: int) -> dict:
@@ -53,11 +52,12 @@ def main() -> None:
     import transformers
 
     import hf_batch_entropy
-    import train_vanilla as tv
+    import hf_batch_entropy.frontier as tv
     from hf_batch_entropy import batch_entropies
     from hf_batch_entropy.denormals import flush_denormals
     from hf_batch_entropy.models import build_vanilla_model
     from hf_batch_entropy.models import modeling_vanilla
+    from hf_batch_entropy.provenance import cpu_model
 
     torch.set_num_threads(1)
     flush_denormals()
@@ -140,7 +140,7 @@ def main() -> None:
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "numpy": np.__version__,
                          "hf_batch_entropy": hf_batch_entropy.__version__},
-            "machine": {"platform": platform.platform(), "cpu": tv.cpu_model(), "logical_cpus": os.cpu_count(),
+            "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                         "torch_threads": torch.get_num_threads()},
             "clock": "process CPU time, median over repetitions of each part alone",
             "note": args.note, "depth": args.depth, "width": args.width, "batch": 128,

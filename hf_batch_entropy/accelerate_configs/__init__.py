@@ -1,4 +1,5 @@
-"""Ready-made `accelerate launch` configurations for BatchEntropyTrainer: `ddp`, `fsdp`, `deepspeed_zero2`.
+"""Ready-made `accelerate launch` configurations for BatchEntropyTrainer: `ddp`, `fsdp`, `deepspeed_zero2`,
+`deepspeed_zero3`.
 
     accelerate launch --config_file "$(python -c 'import hf_batch_entropy.accelerate_configs as c; print(c.path("ddp"))')" \
         scripts/train_vanilla.py ...
@@ -15,7 +16,7 @@ __all__ = ["CONFIGS", "path"]
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: The names of the bundled configurations.
-CONFIGS = ("ddp", "fsdp", "deepspeed_zero2")
+CONFIGS = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 
 
 def path(name: str) -> str:

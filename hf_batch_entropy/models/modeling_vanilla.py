@@ -100,6 +100,11 @@ class _VanillaPreTrainedModel(PreTrainedModel):
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             module.reset_parameters()
 
+    def get_input_embeddings(self) -> None:
+        # Pixels go straight into the first layer: there is no embedding table. Transformers' default raises
+        # NotImplementedError, which breaks callers that ask every model, e.g. accelerate's FSDP2 preparation.
+        return None
+
     def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is None:
             raise ValueError(f"{type(self).__name__} needs `pixel_values`.")

