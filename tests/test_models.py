@@ -75,6 +75,28 @@ def test_activations_are_hookable_modules():
     assert len(seen) == 3 and all(torch.equal(a, b) for a, b in zip(seen, out.hidden_states))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_direct_path_is_bit_identical_to_the_modules(activation):
+    """Layers without hooks skip their three module calls; a hook (here a no-op one on every `act`) sends a layer through
+    the modules. Both give the same hidden states, loss and gradients, bit for bit, and the hooks still fire."""
+    x, labels = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
+    results = []
+    for hooked in (False, True):
+        model = _mlp(depth=8, width=32, activation=activation)
+        calls = []
+        handles = [layer.act.register_forward_hook(lambda m, a, o: calls.append(1)) for layer in model.layers] if hooked else []
+        out = model(pixel_values=x, labels=labels, output_hidden_states=True)
+        (out.loss * (1 + sum(h.var(0).mean() for h in out.hidden_states))).backward()
+        results.append((out.loss.detach(), [h.detach() for h in out.hidden_states], [p.grad for p in model.parameters()]))
+        for handle in handles:
+            handle.remove()
+        assert len(calls) == (8 if hooked else 0)
+    (loss_a, hidden_a, grads_a), (loss_b, hidden_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(hidden_a, hidden_b))
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x, labels = torch.randn(8, 1, 8, 8), torch.arange(8)
     grads = []
