@@ -29,17 +29,11 @@ RANK_LAYERS = (1, 2, 5, 10, 50, 100, 250, 500)
 # 0.3 × 1e-3, then 3e-4 to the end (Transformers' warmup_stable_decay without warm-up, whose kwargs default to
 # FRONTIER_SCHEDULE when --lr_scheduler_kwargs is not given), 1,000 steps at every depth.
 FRONTIER_SCHEDULE = {"num_stable_steps": 400, "num_decay_steps": 100, "min_lr_ratio": 0.3}
-# The long depth-500 recipe's: the same revival at 1e-3, then 0.1 × 1e-3 = 1e-4 to the end (a rate of 3e-4 after the
-# revival stayed at ~20% for thousands of steps, 1e-4 climbs on; docs/vanilla.md).
-LONG_SCHEDULE = {"num_stable_steps": 400, "num_decay_steps": 100, "min_lr_ratio": 0.1}
-# warmup_stable_decay's kwargs when --lr_scheduler_kwargs is not given, per preset (FRONTIER_SCHEDULE otherwise).
-PRESET_SCHEDULES = {"frontier": FRONTIER_SCHEDULE, "long": LONG_SCHEDULE}
 PRESETS: dict[str, list[str]] = {
     "frontier": ["--learning_rate", "1e-3", "--lr_scheduler_type", "warmup_stable_decay", "--max_steps", "1000",
                  "--eval_steps", "100", "--logging_steps", "20"],
-    "long": ["--depths", "500", "--runs", "lbe", "--learning_rate", "1e-3",
-             "--lr_scheduler_type", "warmup_stable_decay", "--max_steps", "10000", "--eval_steps", "500",
-             "--logging_steps", "100"],
+    "long": ["--depths", "500", "--runs", "lbe", "--learning_rate", "1e-4", "--lr_scheduler_type", "cosine",
+             "--max_steps", "10000", "--eval_steps", "500", "--logging_steps", "100"],
     "depth50": ["--depths", "50", "--runs", "lbe", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
                 "--max_steps", "15000", "--eval_steps", "1500", "--logging_steps", "100"],
 }
@@ -104,7 +98,7 @@ class DataArguments:
         default="frontier",
         metadata={"help": "A named recipe, i.e. flags put in front of the command line's own (which override them): "
                   "'frontier' (the depth ladder, 3 seeds, 1,000 steps: lr 1e-3 for 400 steps, then 3e-4), 'long' "
-                  "(depth 500, LBE, 10,000 steps: lr 1e-3 for 400 steps, then 1e-4), 'depth50' (depth 50, LBE, lr "
+                  "(depth 500, LBE, lr 1e-4 cosine, 10,000 steps), 'depth50' (depth 50, LBE, lr "
                   "3e-4 constant, 15,000 steps). "
                   "See PRESETS in hf_batch_entropy/frontier/arguments.py; the README gives the measured times.",
                   "choices": sorted(PRESETS)},
@@ -225,8 +219,7 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Van
     if scheduler_name(training_args) == "polynomial" and not training_args.lr_scheduler_kwargs:
         training_args.lr_scheduler_kwargs = {"power": 2.0}  # the earlier default, lr·(1 − t)²
     if scheduler_name(training_args) == "warmup_stable_decay" and not training_args.lr_scheduler_kwargs:
-        # The preset's fast revival, then 0.3 × lr (frontier) or 0.1 × lr (long).
-        training_args.lr_scheduler_kwargs = dict(PRESET_SCHEDULES.get(data_args.preset, FRONTIER_SCHEDULE))
+        training_args.lr_scheduler_kwargs = dict(FRONTIER_SCHEDULE)  # the frontier's fast revival, then 0.3 × lr
     check_arguments(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
