@@ -209,8 +209,14 @@ def test_presets_are_flags_the_command_line_overrides():
     model_args, data_args, training_args = frontier.parse_arguments(argv)
     assert model_args.depths == "500" and data_args.runs == "lbe" and data_args.preset == "long"
     assert training_args.max_steps == 7 and training_args.learning_rate == pytest.approx(1e-4)
+    # The frontier's recipe, the default preset: a fast revival at 1e-3, then 0.3 × that rate (warmup_stable_decay).
     model_args, _, training_args = frontier.parse_arguments(frontier.expand_preset(["--depth", "30"]))
-    assert model_args.depths == "30" and training_args.max_steps == 400  # the frontier's recipe
+    assert model_args.depths == "30" and training_args.max_steps == 1000
+    assert training_args.learning_rate == pytest.approx(1e-3) \
+        and str(training_args.lr_scheduler_type.value) == "warmup_stable_decay"
+    assert training_args.lr_scheduler_kwargs == {"num_stable_steps": 400, "num_decay_steps": 100, "min_lr_ratio": 0.3}
+    # Another schedule from the command line gets its own defaults, not the frontier's kwargs.
+    _, _, training_args = frontier.parse_arguments(frontier.expand_preset(["--lr_scheduler_type", "polynomial"]))
     assert training_args.lr_scheduler_kwargs == {"power": 2.0}
     with pytest.raises(ValueError, match="--preset"):
         frontier.expand_preset(["--preset", "nope"])

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -294,6 +295,8 @@ def _run_job(job: Job, model_args: ModelArguments, data_args: DataArguments, tra
     logger.info(f"=== {label}: lbe_beta={beta}, {model_args.arch} width {model_args.width}, seed {seed}, "
                 f"split seed {split_seed}" + (": β = 0, the batch-entropies are measured and logged, the loss is not "
                                               "regularized" if beta == 0 else ""))
+    # warmup_stable_decay with num_stable_steps (the frontier's schedule) warns that Trainer also passes the total.
+    warnings.filterwarnings("ignore", message="Both num_training_steps and num_stable_steps are specified")
     start, start_cpu = time.perf_counter(), time.process_time()
     train_output = trainer.train()
     train_time, train_cpu = time.perf_counter() - start, time.process_time() - start_cpu
