@@ -457,3 +457,16 @@ def test_interpretation_follows_the_numbers():
             "the difference over 3 seeds (9.1 points): no clear difference.") in frontier.interpret(summary, 400)
     summary[4] = row("lbe", 30, 0.1)
     assert "learns up to depth 10" in frontier.interpret(summary, 400)
+
+
+def test_the_diagnosis_suggests_the_frontiers_recipe():
+    """For a network with dead layers the diagnosis suggests the recipe the frontier measured: the same settings."""
+    import torch
+
+    from hf_batch_entropy.diagnosis import suggest_settings
+
+    suggested, _ = suggest_settings(torch.tensor([0.5, 1e-20]), flagged=[1], pretrained=False)
+    _, _, args = frontier.parse_arguments(frontier.expand_preset([]))
+    for key, value in suggested.items():
+        got = getattr(args, key)
+        assert getattr(got, "value", got) == value, key
