@@ -362,14 +362,15 @@ def test_run_order():
 def test_progress_line_estimates_the_time_left():
     jobs = [frontier.Job("baseline", 10, 0), frontier.Job("baseline", 100, 0), frontier.Job("lbe", 100, 0)]
     progress = frontier.Progress(jobs, workers=1)
-    # 35 s for a run of cost 10 + 25: 1 s per unit; 2 × 125 units left → 250 s.
+    # 35 s for a run of cost 10 + 17: 35/27 s per unit; 2 × 117 units left → 303 s.
     assert progress.line(jobs[0], {"test_accuracy": 0.834, "wall_time_s": 35.0}) == (
-        "run 1/3  baseline  depth 10   seed 0  test accuracy  83.4%     35 s  (about 4.2 min left)")
+        "run 1/3  baseline  depth 10   seed 0  test accuracy  83.4%     35 s  (about 5.1 min left)")
+    # Then 160 s for 144 units: 117 units left → 130 s.
     line = progress.line(jobs[1], {"test_accuracy": 0.1, "wall_time_s": 125.0})
-    assert line == "run 2/3  baseline  depth 100  seed 0  test accuracy  10.0%    125 s  (about 2.1 min left)"
+    assert line == "run 2/3  baseline  depth 100  seed 0  test accuracy  10.0%    125 s  (about 2.2 min left)"
     assert "all done in" in progress.line(jobs[2], {"test_accuracy": 0.25, "wall_time_s": 125.0})
     progress = frontier.Progress(jobs, workers=2)
-    assert progress.line(jobs[0], {"test_accuracy": 0.5, "wall_time_s": 35.0}).endswith("(about 2.1 min left)")
+    assert progress.line(jobs[0], {"test_accuracy": 0.5, "wall_time_s": 35.0}).endswith("(about 2.5 min left)")
 
 
 def test_picture_titles_and_legend(tmp_path, monkeypatch):
