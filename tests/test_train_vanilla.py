@@ -209,8 +209,14 @@ def test_presets_are_flags_the_command_line_overrides():
     model_args, data_args, training_args = frontier.parse_arguments(argv)
     assert model_args.depths == "500" and data_args.runs == "lbe" and data_args.preset == "long"
     assert training_args.max_steps == 7 and training_args.learning_rate == pytest.approx(1e-4)
+    # The frontier's recipe, the default preset: a fast revival at 1e-3, then 0.3 × that rate (warmup_stable_decay).
     model_args, _, training_args = frontier.parse_arguments(frontier.expand_preset(["--depth", "30"]))
-    assert model_args.depths == "30" and training_args.max_steps == 400  # the frontier's recipe
+    assert model_args.depths == "30" and training_args.max_steps == 1000
+    assert training_args.learning_rate == pytest.approx(1e-3) \
+        and str(training_args.lr_scheduler_type.value) == "warmup_stable_decay"
+    assert training_args.lr_scheduler_kwargs == {"num_stable_steps": 400, "num_decay_steps": 100, "min_lr_ratio": 0.3}
+    # Another schedule from the command line gets its own defaults, not the frontier's kwargs.
+    _, _, training_args = frontier.parse_arguments(frontier.expand_preset(["--lr_scheduler_type", "polynomial"]))
     assert training_args.lr_scheduler_kwargs == {"power": 2.0}
     with pytest.raises(ValueError, match="--preset"):
         frontier.expand_preset(["--preset", "nope"])
@@ -356,14 +362,15 @@ def test_run_order():
 def test_progress_line_estimates_the_time_left():
     jobs = [frontier.Job("baseline", 10, 0), frontier.Job("baseline", 100, 0), frontier.Job("lbe", 100, 0)]
     progress = frontier.Progress(jobs, workers=1)
-    # 35 s for a run of cost 10 + 25: 1 s per unit; 2 × 125 units left → 250 s.
+    # 35 s for a run of cost 10 + 17: 35/27 s per unit; 2 × 117 units left → 303 s.
     assert progress.line(jobs[0], {"test_accuracy": 0.834, "wall_time_s": 35.0}) == (
-        "run 1/3  baseline  depth 10   seed 0  test accuracy  83.4%     35 s  (about 4.2 min left)")
+        "run 1/3  baseline  depth 10   seed 0  test accuracy  83.4%     35 s  (about 5.1 min left)")
+    # Then 160 s for 144 units: 117 units left → 130 s.
     line = progress.line(jobs[1], {"test_accuracy": 0.1, "wall_time_s": 125.0})
-    assert line == "run 2/3  baseline  depth 100  seed 0  test accuracy  10.0%    125 s  (about 2.1 min left)"
+    assert line == "run 2/3  baseline  depth 100  seed 0  test accuracy  10.0%    125 s  (about 2.2 min left)"
     assert "all done in" in progress.line(jobs[2], {"test_accuracy": 0.25, "wall_time_s": 125.0})
     progress = frontier.Progress(jobs, workers=2)
-    assert progress.line(jobs[0], {"test_accuracy": 0.5, "wall_time_s": 35.0}).endswith("(about 2.1 min left)")
+    assert progress.line(jobs[0], {"test_accuracy": 0.5, "wall_time_s": 35.0}).endswith("(about 2.5 min left)")
 
 
 def test_picture_titles_and_legend(tmp_path, monkeypatch):
@@ -451,3 +458,16 @@ def test_interpretation_follows_the_numbers():
             "the difference over 3 seeds (9.1 points): no clear difference.") in frontier.interpret(summary, 400)
     summary[4] = row("lbe", 30, 0.1)
     assert "learns up to depth 10" in frontier.interpret(summary, 400)
+
+
+def test_the_diagnosis_suggests_the_frontiers_recipe():
+    """For a network with dead layers the diagnosis suggests the recipe the frontier measured: the same settings."""
+    import torch
+
+    from hf_batch_entropy.diagnosis import suggest_settings
+
+    suggested, _ = suggest_settings(torch.tensor([0.5, 1e-20]), flagged=[1], pretrained=False)
+    _, _, args = frontier.parse_arguments(frontier.expand_preset([]))
+    for key, value in suggested.items():
+        got = getattr(args, key)
+        assert getattr(got, "value", got) == value, key

@@ -139,10 +139,10 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# Relative cost of a run, for the time-left estimate only: in the documented frontier a run took about 5 s plus 0.19 s
-# per hidden layer (docs/results/vanilla_frontier_quiet.json), i.e. a fixed part worth ~25 layers.
+# Relative cost of a run, for the time-left estimate only: in the documented frontier (1,000 steps) a run took about
+# 2.5 s plus 0.145 s per hidden layer (docs/results/vanilla_frontier.json), i.e. a fixed part worth ~17 layers.
 def run_cost(job: Job) -> float:
-    return job.depth + 25.0
+    return job.depth + 17.0
 
 
 def _duration(seconds: float) -> str:
