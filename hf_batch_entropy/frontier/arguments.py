@@ -128,9 +128,9 @@ class DataArguments:
         default=0,
         metadata={"help": "Processes that train independent runs side by side, one thread each (with two or more the "
                   "longest runs start first; with one, the runs go in the table's order). 0 "
-                  "(auto): one per two logical CPUs when each run uses one thread on the CPU, else 1 (on a 2-vCPU "
-                  "machine two workers gave no more steps per second than one, docs/vanilla.md). 1 runs everything "
-                  "in this process."},
+                  "(auto): one per logical CPU when each run uses one thread on the CPU, else 1 (on a quiet 2-vCPU "
+                  "machine two workers took half the time of one; on a busy one they gain nothing). 1 runs "
+                  "everything in this process."},
     )
     image_size: int | None = field(
         default=None,

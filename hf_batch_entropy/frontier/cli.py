@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None, program: Sequence[str] = (SCRIPT,)) -> d
 
     cpu = training_args.device.type == "cpu"
     threads = resolve_threads(model_args) if cpu else None
-    # Auto: one worker per two logical CPUs. On the project's 2-vCPU machine two single-thread depth-500 runs side by
-    # side took 275 ms per step each against 125-137 ms alone: no more steps per second than one (docs/vanilla.md).
-    workers = data_args.workers or (max(1, (os.cpu_count() or 1) // 2) if cpu and threads == 1 else 1)
+    # Auto: one single-thread worker per logical CPU. On a quiet 2-vCPU AMD EPYC VM two workers ran the frontier in
+    # 4.9 min; one worker took 10.4 min while another job held the second vCPU (docs/vanilla.md). On a machine busy
+    # with other jobs they gain nothing.
+    workers = data_args.workers or ((os.cpu_count() or 1) if cpu and threads == 1 else 1)
     workers = max(1, min(workers, len(plan_jobs(model_args, data_args))))
     jobs = plan_jobs(model_args, data_args, workers)
     meta["machine"].update(torch_threads_per_run=threads, workers=workers)
