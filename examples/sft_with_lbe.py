@@ -1,5 +1,5 @@
 """Supervised fine-tuning with TRL's `SFTTrainer` plus layerwise batch-entropy regularization, through
-`BatchEntropyMixin` and `batch_entropy_config` (needs `pip install trl`). About a minute on 2 CPU cores.
+`BatchEntropyMixin` and `batch_entropy_config` (needs `pip install trl`).
 
 By default it trains a small Llama-style model from scratch, with a word-level tokenizer made from the data, on 1,000
 SST-2 reviews (GLUE, from the Hub) written as "review: … sentiment: …"; pass any causal LM with `--model`.

@@ -1,5 +1,5 @@
 """Layerwise batch-entropy regularization for any PyTorch model: a deep plain MLP on scikit-learn's 8×8 digits, its
-ReLU outputs regularized through forward hooks (`lbe_target_modules`). About a minute on 2 CPU cores.
+ReLU outputs regularized through forward hooks (`lbe_target_modules`).
 
     python examples/vision_mlp.py                 # depth 30 with LBE: it learns
     python examples/vision_mlp.py --lbe_beta 0    # the same run without LBE: it stays at chance (10 %)
