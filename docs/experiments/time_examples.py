@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--glue_dir", required=True, help="folder with the original GLUE task folders (RTE, SST-2)")
     parser.add_argument("--output", required=True)
     cli = parser.parse_args()
+    cli.glue_dir = os.path.abspath(cli.glue_dir)
     commands = {
         "quickstart": ["examples/quickstart.py"],
         "finetune_rte": ["examples/finetune_rte.py", "--data_dir", f"{cli.glue_dir}/RTE"],
