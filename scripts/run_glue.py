@@ -50,7 +50,6 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     default_data_collator,
     set_seed,
 )
@@ -71,6 +70,7 @@ from hf_batch_entropy.glue.arguments import (
     hub_model_id,
     label_to_model_ids,
     load_raw_datasets,
+    parse_glue_args,
 )
 
 logger = logging.getLogger("run_glue")
@@ -78,24 +78,7 @@ logger = logging.getLogger("run_glue")
 
 def parse_args(args: Sequence[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, GlueTrainingArguments]:
     """Parse the command line (or `args`), or a single .json/.yaml file holding all arguments."""
-    parser = HfArgumentParser(
-        (ModelArguments, DataTrainingArguments, GlueTrainingArguments),
-        description=__doc__,
-        formatter_class=_HelpFormatter,
-    )
-    args = list(sys.argv[1:] if args is None else args)
-    if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
-    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(yaml_file=os.path.abspath(args[0]))
-    return parser.parse_args_into_dataclasses(args=args)
-
-
-class _HelpFormatter(transformers.hf_argparser.ArgumentDefaultsHelpFormatter):
-    """Keeps the line breaks of the description (the examples) and shows defaults."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "".join(indent + line for line in text.splitlines(keepends=True))
+    return parse_glue_args(args, description=__doc__)
 
 
 def setup_logging(training_args: BatchEntropyConfig) -> None:

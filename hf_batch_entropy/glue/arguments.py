@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from transformers import HfArgumentParser
+from transformers.hf_argparser import ArgumentDefaultsHelpFormatter
 
 from ..config import BatchEntropyConfig
 from .files import load_glue_files
@@ -24,6 +28,7 @@ __all__ = [
     "hub_model_id",
     "label_to_model_ids",
     "load_raw_datasets",
+    "parse_glue_args",
 ]
 
 logger = logging.getLogger(__name__)
@@ -256,3 +261,23 @@ def hub_model_id(model_name_or_path: str) -> str:
     except (ImportError, OSError):
         pass
     return model_name_or_path
+
+
+class _HelpFormatter(ArgumentDefaultsHelpFormatter):
+    """Keeps the line breaks of the description (the script's examples) and shows defaults."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def parse_glue_args(args: list[str] | None = None, description: str | None = None):
+    """`(ModelArguments, DataTrainingArguments, GlueTrainingArguments)` from a command line (default `sys.argv[1:]`),
+    or from a single .json/.yaml file holding all arguments, as transformers' example scripts take them."""
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, GlueTrainingArguments),
+                              description=description, formatter_class=_HelpFormatter)
+    args = list(sys.argv[1:] if args is None else args)
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
+    if len(args) == 1 and args[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(yaml_file=os.path.abspath(args[0]))
+    return parser.parse_args_into_dataclasses(args=args)
