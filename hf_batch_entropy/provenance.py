@@ -9,7 +9,7 @@ the code and the host that made it and re-run:
     >>> sorted(record)
     ['command', 'commit', 'dirty', 'machine', 'started', 'versions']
 
-Not imported by `import hf_batch_entropy`.
+Not imported by `import hf_batch_entropy`, and imports nothing of it: a script can load this file on its own.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-
-from . import __version__
 
 __all__ = ["cpu_model", "git", "provenance"]
 
@@ -92,7 +90,7 @@ def provenance(
         "command": shlex.join(["python", *argv]),
         "commit": git("rev-parse", "HEAD", cwd=repo),
         "dirty": None if status is None else bool(status),
-        "versions": {"python": platform.python_version(), "hf_batch_entropy": __version__,
+        "versions": {"python": platform.python_version(), "hf_batch_entropy": _version("hf-batch-entropy"),
                      **{p: _version(p) for p in (*CORE_PACKAGES, *packages)}},
         "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                     "cuda": cuda, **machine},

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -110,14 +109,6 @@ def compare(ref: list[dict], new: list[dict]) -> list[dict]:
     } for a, b in zip(ref, new)]
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
 def main() -> None:
     if "--child" in sys.argv:
         child(sys.argv[sys.argv.index("--") + 1:])
@@ -143,13 +134,11 @@ def main() -> None:
                  for key in ("test_loss_rel", "eval_loss_rel", "train_loss_rel", "entropies_rel")}
         results[config] = {"argv": argv, "last_bit_variants": list(LAST_BITS), "code_change_variants": list(CODE_CHANGES),
                            "worst_last_bit_change": worst, "variants": rows}
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     import torch
 
-    record = {"command": "python docs/experiments/repro_perturbations.py " + " ".join(sys.argv[1:]), "commit": commit,
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                          "logical_cpus": os.cpu_count()},
+    from hf_batch_entropy.provenance import provenance
+
+    record = {**provenance(sys.argv, cpu_capability=torch.backends.cpu.get_cpu_capability()),
               "configs": results}
     if cli.output:
         with open(cli.output, "w") as f:

@@ -31,9 +31,7 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 import types
@@ -41,12 +39,15 @@ import types
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _git(repo: str, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+def _provenance_module():
+    """This checkout's `hf_batch_entropy/provenance.py`, loaded from its file: the measured checkout (`--repo`) may be
+    older than it. It records the measured checkout's commit."""
+    spec = importlib.util.spec_from_file_location(
+        "_provenance", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                    "hf_batch_entropy", "provenance.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _clock() -> tuple[float, float]:
@@ -177,9 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     repo = os.path.abspath(args.repo)
     sys.path.insert(0, repo)
-    import numpy as np
     import torch
-    import transformers
 
     import hf_batch_entropy
     from hf_batch_entropy.denormals import flush_denormals
@@ -206,20 +205,12 @@ def main() -> None:
             if "main" in by and ref in by:
                 by["main"][f"ratio_to_{ref}"] = by["main"]["cpu_ms_per_step"] / by[ref]["cpu_ms_per_step"]
                 by["main"][f"ratio_to_{ref}_fastest_step"] = by["main"]["cpu_ms_step_min"] / by[ref]["cpu_ms_step_min"]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.lower().startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    status = _git(repo, "status", "--porcelain", "--untracked-files=no")
     report = {
         "meta": {
-            "command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__)] + sys.argv[1:]),
-            "measured_checkout": repo, "commit": _git(repo, "rev-parse", "HEAD"),
-            "dirty": None if status is None else bool(status),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "numpy": np.__version__,
-                         "hf_batch_entropy": hf_batch_entropy.__version__},
+            **_provenance_module().provenance([os.path.relpath(__file__), *sys.argv[1:]], repo=repo,
+                                              torch_threads=torch.get_num_threads()),
+            "measured_checkout": repo,
             "hf_batch_entropy_file": hf_batch_entropy.__file__,
-            "machine": {"platform": platform.platform(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()},
             "clock": "process CPU time (time.process_time), one PyTorch thread; wall time alongside",
             "note": args.note,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
 
@@ -47,17 +44,14 @@ def main() -> None:
     parser.add_argument("--note", default="")
     args = parser.parse_args()
 
-    import numpy as np
     import torch
-    import transformers
 
-    import hf_batch_entropy
     import hf_batch_entropy.frontier as tv
     from hf_batch_entropy import batch_entropies
     from hf_batch_entropy.denormals import flush_denormals
     from hf_batch_entropy.models import build_vanilla_model
     from hf_batch_entropy.models import modeling_vanilla
-    from hf_batch_entropy.provenance import cpu_model
+    from hf_batch_entropy.provenance import provenance
 
     torch.set_num_threads(1)
     flush_denormals()
@@ -129,19 +123,10 @@ def main() -> None:
         lambda: (tv.effective_ranks(h := tv.hidden_states_of(model, test, 512, torch.device("cpu"))),
                  batch_entropies(h)), max(3, args.reps // 5))
 
-    def git(*a):
-        r = subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-
     report = {
         "meta": {
-            "command": " ".join(shlex.quote(a) for a in ["python", os.path.relpath(__file__, REPO)] + sys.argv[1:]),
-            "commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__, "numpy": np.__version__,
-                         "hf_batch_entropy": hf_batch_entropy.__version__},
-            "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads()},
+            **provenance([os.path.relpath(__file__, REPO), *sys.argv[1:]], packages=["scikit-learn"],
+                         torch_threads=torch.get_num_threads()),
             "clock": "process CPU time, median over repetitions of each part alone",
             "note": args.note, "depth": args.depth, "width": args.width, "batch": 128,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
