@@ -16,12 +16,12 @@ all its runs. docs/results.md has the results.
 
 Examples:
     # the table of docs/results.md (GPU)
-    python scripts/glue_experiments.py --data_dir ../shared/data/glue --output_dir runs/glue --bf16
+    python scripts/glue_experiments.py --data_dir path/to/glue --output_dir runs/glue --bf16
     # the paper's α/β grid on RTE (only LBE settings, one learning rate)
-    python scripts/glue_experiments.py --data_dir ../shared/data/glue --output_dir runs/glue_grid --bf16 \\
+    python scripts/glue_experiments.py --data_dir path/to/glue --output_dir runs/glue_grid --bf16 \\
         --grid --tasks rte --learning_rates 2e-5
     # a quick check of the pipeline on CPU
-    python scripts/glue_experiments.py --data_dir ../shared/data/glue --output_dir /tmp/glue_check --workers 1 \\
+    python scripts/glue_experiments.py --data_dir path/to/glue --output_dir /tmp/glue_check --workers 1 \\
         --extra_args "--max_train_samples 64 --max_eval_samples 64 --max_steps 2 --use_cpu"
 
 Finished runs (with all_results.json) are skipped, so an interrupted sweep continues where it stopped.
