@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -26,7 +27,9 @@ from hf_batch_entropy.tokens import TokenLayout
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="../shared/data/glue/RTE/dev.tsv", help="RTE dev.tsv")
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                                       "tests", "fixtures", "glue", "RTE", "dev.tsv"),
+                        help="RTE's dev.tsv (default: the sample in tests/fixtures; its first 4 premises are dev.tsv's)")
     parser.add_argument("--output", default=None, help="write the figures as JSON here")
     cli = parser.parse_args()
 
