@@ -213,7 +213,6 @@ def main() -> None:
             "hf_batch_entropy_file": hf_batch_entropy.__file__,
             "clock": "process CPU time (time.process_time), one PyTorch thread; wall time alongside",
             "note": args.note,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "results": results,
     }

@@ -129,7 +129,6 @@ def main() -> None:
                          torch_threads=torch.get_num_threads()),
             "clock": "process CPU time, median over repetitions of each part alone",
             "note": args.note, "depth": args.depth, "width": args.width, "batch": 128,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "parts": parts,
     }
