@@ -44,7 +44,12 @@ Several processes (DDP; `lbe_sync` is the cost of `lbe_sync_entropy`, per-device
 Only torch, transformers and accelerate are needed (no `datasets`).
 """
 
-from hf_batch_entropy.benchmark.cli import main
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is research code, not installed
+
+from experiments.benchmark.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -40,17 +40,22 @@ README gives the measured time. Examples:
     python scripts/train_vanilla.py --dataset mnist --depths 500 --width 1000 ...   # the paper's setting, on a GPU
     python scripts/train_vanilla.py --help                            # every flag, explained
 
-A preset is a list of flags (`PRESETS` in hf_batch_entropy/frontier/arguments.py) put in front of the command line's
+A preset is a list of flags (`PRESETS` in experiments/frontier/arguments.py) put in front of the command line's
 own, which override it. Every `BatchEntropyConfig` / `TrainingArguments` flag is accepted (`--learning_rate`,
 `--max_steps`, `--lbe_beta`, ...). See docs/vanilla.md for the measurements behind the defaults.
 
-This script is the job's door: the code is the package `hf_batch_entropy.frontier` (arguments, data, runs, report,
-plot, cli), and `python -m hf_batch_entropy.frontier` runs the same job.
+This script is the job's door: the code is the package `experiments.frontier` (arguments, data, runs, report,
+plot, cli), and `python -m experiments.frontier` runs the same job.
 """
+
+import sys
+from pathlib import Path
 
 import torch
 
-from hf_batch_entropy.frontier.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/ is research code, not installed
+
+from experiments.frontier.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The benchmark (`scripts/benchmark.py`, `hf_batch_entropy.benchmark`) runs and records what it measured. Its figures
+"""The benchmark (`scripts/benchmark.py`, `experiments.benchmark`) runs and records what it measured. Its figures
 are not checked here: speed claims live in docs/benchmarks.md with the commands that made them."""
 
 from __future__ import annotations

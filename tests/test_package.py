@@ -23,7 +23,7 @@ def test_import_loads_the_core_only():
     after = imported_after("import hf_batch_entropy")
     loaded = set(after["modules"])
     for heavy in ("sklearn", "matplotlib", "evaluate", "hf_batch_entropy.glue", "hf_batch_entropy.models",
-                  "hf_batch_entropy.metrics", "hf_batch_entropy.diagnosis", "hf_batch_entropy.benchmark", "hf_batch_entropy.frontier"):
+                  "hf_batch_entropy.metrics", "hf_batch_entropy.diagnosis", "experiments"):
         assert heavy not in loaded, f"import hf_batch_entropy imported {heavy}"
     assert not after["vanilla_registered"]
     assert {"hf_batch_entropy.entropy", "hf_batch_entropy.regularizer", "hf_batch_entropy.trainer"} <= loaded

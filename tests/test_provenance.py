@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-from hf_batch_entropy.provenance import git, provenance
+from experiments.provenance import git, provenance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

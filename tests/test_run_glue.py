@@ -288,16 +288,9 @@ def test_float16_checkpoint_trains_in_float32(tmp_path, tiny_model):
 
 
 def test_experiment_sweep_and_table(tmp_path, tiny_model):
-    """scripts/glue_experiments.py runs baseline and LBE per seed; glue_results_table.py makes mean ± std tables."""
+    """experiments/glue/glue_experiments.py runs baseline and LBE per seed; glue_results_table.py makes mean ± std tables."""
+    from experiments.glue import glue_experiments as sweep, glue_results_table as table
 
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-
-    sweep, table = load("glue_experiments"), load("glue_results_table")
     out = tmp_path / "runs"
     argv = [
         "--data_dir", str(GLUE_DIR), "--model_path", tiny_model, "--output_dir", str(out),

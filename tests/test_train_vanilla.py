@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-import hf_batch_entropy.frontier as frontier
-from hf_batch_entropy.frontier import cli
+import experiments.frontier as frontier
+from experiments.frontier import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "train_vanilla.py")
@@ -223,7 +223,7 @@ def test_presets_are_flags_the_command_line_overrides():
 
 
 # Tolerances of the comparison with the stored reference (a 4-layer MLP, baseline and LBE runs, 50 steps, float32),
-# measured with docs/experiments/repro_perturbations.py (docs/results/vanilla_repro_perturbations.json). Perturbing
+# measured with experiments/frontier/repro_perturbations.py (docs/results/vanilla_repro_perturbations.json). Perturbing
 # the last bits, as another x86-64 host with the same software does (AVX2 or scalar instead of AVX-512 kernels in
 # ATen, MKL and oneDNN, MKL's reproducibility mode, 2 threads instead of 1, every input pixel moved by one ulp), moved
 # the losses and final entropies of this configuration by at most 2.4e-7 relative (3 float32 ulps) and no test
@@ -313,13 +313,13 @@ def test_help_documents_every_flag():
 
 
 def test_module_entry_point_is_the_same_job():
-    """`python -m hf_batch_entropy.frontier` has the script's flags, and records itself as the command that ran."""
+    """`python -m experiments.frontier` has the script's flags, and records itself as the command that ran."""
     script = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    module = subprocess.run([sys.executable, "-m", "hf_batch_entropy.frontier", "--help"], capture_output=True,
+    module = subprocess.run([sys.executable, "-m", "experiments.frontier", "--help"], capture_output=True,
                             text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     assert module.returncode == 0 and module.stdout == script.stdout, module.stderr
-    as_module = cli.provenance([], [], ("-m", "hf_batch_entropy.frontier"))
-    assert as_module["command"] == "python -m hf_batch_entropy.frontier"
+    as_module = cli.provenance([], [], ("-m", "experiments.frontier"))
+    assert as_module["command"] == "python -m experiments.frontier"
     assert cli.provenance(["--depth", "3"], [])["command"] == "python scripts/train_vanilla.py --depth 3"
 
 

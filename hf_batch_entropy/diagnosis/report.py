@@ -130,7 +130,7 @@ def suggest_settings(entropies: torch.Tensor, flagged: Sequence[int], pretrained
     num_layers = len(entropies)
     if flagged:
         # Training from scratch through dead layers: the paper's vanilla-network settings (α₀ = 2, α_min = 0.2), with
-        # the recipe of the frontier preset (hf_batch_entropy.frontier.arguments, measured in docs/vanilla.md): a fast
+        # the recipe of the frontier preset (experiments.frontier.arguments, measured in docs/vanilla.md): a fast
         # revival at lr 1e-3 for 400 steps, then 0.3 × that rate. tests/test_train_vanilla.py keeps the two equal.
         settings = {
             "lbe_beta": 0.5,

@@ -1,6 +1,6 @@
 """The frontier job's command line: `main(argv)` parses and checks the flags, runs every job (in this process or in a
 pool of worker processes), writes results.json after each run with its provenance, draws the picture and prints the
-table. `scripts/train_vanilla.py` and `python -m hf_batch_entropy.frontier` call it."""
+table. `scripts/train_vanilla.py` and `python -m experiments.frontier` call it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import transformers
 
-from hf_batch_entropy.provenance import provenance as record_provenance
+from experiments.provenance import provenance as record_provenance
 
 from .arguments import UsageError, expand_preset, parse_arguments
 from .plot import plot_entropy_heatmaps, plot_frontier
@@ -34,9 +34,9 @@ SCRIPT = os.path.join("scripts", "train_vanilla.py")
 
 
 def provenance(argv: list[str], expanded: list[str], program: Sequence[str] = (SCRIPT,)) -> dict:
-    """What produced a results.json (`hf_batch_entropy.provenance`: the command line as typed, the commit and whether
+    """What produced a results.json (`experiments.provenance`: the command line as typed, the commit and whether
     tracked files differed from it, the library versions, the machine), plus the command line with the preset's flags
-    expanded (`argv`). `program` is what `python` ran: the script (default) or `("-m", "hf_batch_entropy.frontier")`."""
+    expanded (`argv`). `program` is what `python` ran: the script (default) or `("-m", "experiments.frontier")`."""
     return {**record_provenance([*program, *argv], packages=["scikit-learn"], repo=REPO), "argv": expanded}
 
 

@@ -5,7 +5,7 @@ Every run is one `scripts/run_glue.py` fine-tuning on the original GLUE TSV file
 `<output_dir>/<task>/<method>/lr<lr>/seed<seed>/` (all_results.json, plus run_config.json with the settings and
 run.log with its output). Then
 
-    python scripts/glue_results_table.py <output_dir>
+    python experiments/glue/glue_results_table.py <output_dir>
 
 turns them into the markdown table (mean ± std over seeds).
 
@@ -16,12 +16,12 @@ all its runs. docs/results.md has the results.
 
 Examples:
     # the table of docs/results.md (GPU)
-    python scripts/glue_experiments.py --data_dir path/to/glue --output_dir runs/glue --bf16
+    python experiments/glue/glue_experiments.py --data_dir path/to/glue --output_dir runs/glue --bf16
     # the paper's α/β grid on RTE (only LBE settings, one learning rate)
-    python scripts/glue_experiments.py --data_dir path/to/glue --output_dir runs/glue_grid --bf16 \\
+    python experiments/glue/glue_experiments.py --data_dir path/to/glue --output_dir runs/glue_grid --bf16 \\
         --grid --tasks rte --learning_rates 2e-5
     # a quick check of the pipeline on CPU
-    python scripts/glue_experiments.py --data_dir path/to/glue --output_dir /tmp/glue_check --workers 1 \\
+    python experiments/glue/glue_experiments.py --data_dir path/to/glue --output_dir /tmp/glue_check --workers 1 \\
         --extra_args "--max_train_samples 64 --max_eval_samples 64 --max_steps 2 --use_cpu"
 
 Finished runs (with all_results.json) are skipped, so an interrupted sweep continues where it stopped.
@@ -45,7 +45,8 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
+SCRIPTS = HERE.parents[1] / "scripts"  # run_glue.py, the users' script
 
 #: GLUE task -> folder of its original TSV files in --data_dir.
 TASK_FOLDERS = {"rte": "RTE", "mrpc": "MRPC", "cola": "CoLA", "sst2": "SST-2", "wnli": "WNLI"}
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         pool.close()
         pool.join()
     print(f"finished in {time.time() - start:.0f}s; {len(failed)} failed", flush=True)
-    print(f"table: python {SCRIPTS / 'glue_results_table.py'} {args.output_dir}", flush=True)
+    print(f"table: python {HERE / 'glue_results_table.py'} {args.output_dir}", flush=True)
     return 1 if failed else 0
 
 

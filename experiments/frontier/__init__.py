@@ -1,5 +1,5 @@
 """The trainability frontier of vanilla deep networks with and without layerwise batch-entropy regularization: the
-project's main experiment, run by `scripts/train_vanilla.py` (or `python -m hf_batch_entropy.frontier`), whose
+project's main experiment, run by `scripts/train_vanilla.py` (or `python -m experiments.frontier`), whose
 docstring describes the job and its outputs.
 
 Imported on use only (`import hf_batch_entropy` does not load it). Modules by concern:

@@ -6,7 +6,7 @@ on the right to 16 tokens. For each, the mean batch-entropy over its 7 hidden st
 defaults (β = α₀ = α_min = 0.5, task loss 1) are computed over every position (`lbe_ignore_padding=False`, the paper's
 code and this library before the option) and over the real tokens only (`True`, the default).
 
-    python docs/experiments/padding_check.py --output docs/results/padding_minilm.json
+    python experiments/glue/padding_check.py --output docs/results/padding_minilm.json
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository root, for `experiments`
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from hf_batch_entropy import BatchEntropyRegularizer
 from hf_batch_entropy.glue import bundled_minilm_path, load_glue_files
-from hf_batch_entropy.provenance import provenance
+from experiments.provenance import provenance
 from hf_batch_entropy.tokens import TokenLayout
 
 

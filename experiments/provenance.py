@@ -4,7 +4,7 @@ Every JSON of measured figures that the project's scripts write (`results.json` 
 benchmarks, the GLUE tables, the padding check) carries this record, so that a figure in the docs can be traced to
 the code and the host that made it and re-run:
 
-    >>> from hf_batch_entropy.provenance import provenance
+    >>> from experiments.provenance import provenance
     >>> record = provenance(["scripts/benchmark.py", "--device", "cpu"], packages=["deepspeed"])
     >>> sorted(record)
     ['command', 'commit', 'dirty', 'machine', 'started', 'versions']

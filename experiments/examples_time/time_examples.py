@@ -1,6 +1,6 @@
 """Wall time of each example's documented command, one after the other, into a JSON with its provenance.
 
-    python docs/experiments/time_examples.py --glue_dir path/to/glue --output docs/results/examples_time.json
+    python experiments/examples_time/time_examples.py --glue_dir path/to/glue --output docs/results/examples_time.json
 
 The RTE and SFT examples run their offline commands (the original GLUE files in --glue_dir), which train exactly as
 their default commands do once the data is loaded from the Hub. Run it on a quiet machine: it measures wall time.
@@ -15,8 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from hf_batch_entropy.provenance import provenance
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository root, for `experiments`
+
+from experiments.provenance import provenance
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

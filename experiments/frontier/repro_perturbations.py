@@ -14,7 +14,7 @@ start-up) and is compared with the unperturbed run:
   2.2e-3), `pie_x1.001` (the π·e of the batch-entropy formula ½·ln(π·e·σ² + 1) scaled by 1.001), `lr_x1.001`
   (the model's learning rate 2e-3 → 2.002e-3).
 
-    python docs/experiments/repro_perturbations.py --output docs/results/vanilla_repro_perturbations.json
+    python experiments/frontier/repro_perturbations.py --output docs/results/vanilla_repro_perturbations.json
 
 It writes, per configuration and variant and run, the change of the test accuracy (in test examples) and the largest
 relative change of the test loss, the evaluation losses, the mean training loss and the final per-layer entropies.
@@ -27,6 +27,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository root, for `experiments`
 
 import numpy as np
 
@@ -66,7 +69,7 @@ def child(argv: list[str]) -> None:
     """In the fresh process: apply the in-process perturbations, run the script, print the figures as JSON."""
     import torch
 
-    import hf_batch_entropy.frontier as frontier
+    import experiments.frontier as frontier
 
     if os.environ.get("REPRO_PERTURB_ULP"):
         getitem = frontier.ImageTensorDataset.__getitem__
@@ -136,7 +139,7 @@ def main() -> None:
                            "worst_last_bit_change": worst, "variants": rows}
     import torch
 
-    from hf_batch_entropy.provenance import provenance
+    from experiments.provenance import provenance
 
     record = {**provenance(sys.argv, cpu_capability=torch.backends.cpu.get_cpu_capability()),
               "configs": results}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Turn the runs of scripts/glue_experiments.py into markdown tables: dev scores, mean ± std over seeds.
+"""Turn the runs of experiments/glue/glue_experiments.py into markdown tables: dev scores, mean ± std over seeds.
 
-    python scripts/glue_results_table.py runs/glue [--output table.md]
+    python experiments/glue/glue_results_table.py runs/glue [--output table.md]
 
 Reads every `run_config.json` + `all_results.json` under the folder. Prints
 
@@ -22,6 +22,8 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository root, for `experiments`
 
 #: Task -> (metric key, column title) in the order GLUE reports them.
 TASK_METRICS = {
@@ -118,7 +120,7 @@ def tables(runs: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs_dir", help="The --output_dir of scripts/glue_experiments.py.")
+    parser.add_argument("runs_dir", help="The --output_dir of experiments/glue/glue_experiments.py.")
     parser.add_argument("--output", help="Also write the markdown here.")
     parser.add_argument(
         "--json", help="Also write every run (settings, results, logged LBE metrics) and where they ran as JSON here."
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 def _record(runs: list[dict], runs_dir: str) -> dict:
     """The runs with the LBE metrics each logged (from its trainer_state.json), and the machine and code they ran on
     (read at table time: run the table on the machine and commit that ran the sweep)."""
-    from hf_batch_entropy.provenance import provenance
+    from experiments.provenance import provenance
 
     for run in runs:
         state = Path(run["output_dir"]) / "trainer_state.json"

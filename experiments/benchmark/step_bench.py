@@ -14,12 +14,12 @@ Modes, per width (depth 500 by default, batch 128, 8×8 inputs, subnormals flush
 
 Every time is the process's CPU time (`time.process_time`, one thread), which a shared machine inflates less than wall
 time; wall times are recorded too. `--repo PATH` imports `hf_batch_entropy` and the main job
-(`hf_batch_entropy.frontier`, or `scripts/train_vanilla.py` in a checkout from before that package) from another
+(`experiments.frontier`, or `scripts/train_vanilla.py` in a checkout from before that package) from another
 checkout (e.g. the code before a change) with this script's measurement. Writes a JSON with the commit of the measured
 checkout, versions, machine and command:
 
-    python docs/experiments/step_bench.py --widths 64,256 --out docs/benchmarks/step_bench.json
-    python docs/experiments/step_bench.py --repo ../before --widths 64 --out /tmp/before.json
+    python experiments/benchmark/step_bench.py --widths 64,256 --out docs/benchmarks/step_bench.json
+    python experiments/benchmark/step_bench.py --repo ../before --widths 64 --out /tmp/before.json
 
 The first version of this script (a bare loop printing ms per step) measured two copies side by side for `--workers`:
 run two copies with `--modes bare` at once for that.
@@ -28,6 +28,7 @@ run two copies with `--modes bare` at once for that.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -40,11 +41,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _provenance_module():
-    """This checkout's `hf_batch_entropy/provenance.py`, loaded from its file: the measured checkout (`--repo`) may be
+    """This checkout's `experiments/provenance.py`, loaded from its file: the measured checkout (`--repo`) may be
     older than it. It records the measured checkout's commit."""
-    spec = importlib.util.spec_from_file_location(
-        "_provenance", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                    "hf_batch_entropy", "provenance.py"))
+    spec = importlib.util.spec_from_file_location("_provenance", os.path.join(os.path.dirname(HERE), "provenance.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -98,12 +97,14 @@ def _spread(cpu_steps: list[float]) -> dict:
 def main_job(repo: str) -> tuple[types.SimpleNamespace | types.ModuleType, types.ModuleType]:
     """The main job's pieces in the measured checkout (first on sys.path): `expand_preset`, `parse_arguments`,
     `setup_process`, `run_job`, `Job`, and the module whose `VanillaTrainer` `run_job` builds (to time its steps).
-    From the package `hf_batch_entropy.frontier`, or in a checkout from before it existed, from the script itself."""
-    if os.path.isdir(os.path.join(repo, "hf_batch_entropy", "frontier")):
-        from hf_batch_entropy.frontier import arguments, runs
-
-        return types.SimpleNamespace(expand_preset=arguments.expand_preset, parse_arguments=arguments.parse_arguments,
-                                     setup_process=runs.setup_process, run_job=runs.run_job, Job=runs.Job), runs
+    From the package `experiments.frontier` (or `hf_batch_entropy.frontier` in older checkouts), or in a checkout from
+    before either existed, from the script itself."""
+    for package in ("experiments.frontier", "hf_batch_entropy.frontier"):
+        if os.path.isdir(os.path.join(repo, *package.split("."))):
+            arguments = importlib.import_module(f"{package}.arguments")
+            runs = importlib.import_module(f"{package}.runs")
+            return types.SimpleNamespace(expand_preset=arguments.expand_preset, parse_arguments=arguments.parse_arguments,
+                                         setup_process=runs.setup_process, run_job=runs.run_job, Job=runs.Job), runs
     spec = importlib.util.spec_from_file_location("train_vanilla_bench", os.path.join(repo, "scripts", "train_vanilla.py"))
     script = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = script  # dataclasses look their module up while the script's classes are built

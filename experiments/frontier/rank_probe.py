@@ -5,22 +5,26 @@ prints the test accuracy, the number of layers alive on the training batch, the 
 activations at layers 1, 5, 10, 50, 250, 500 (exp of the entropy of the normalized squared singular values), and, for
 layers 1, 5, 10, 50, each unit's |mean| and spread over the test set and the share of ReLU outputs that are on.
 
-    python docs/experiments/rank_probe.py --opt adam --lr 2e-3 --sched const --steps 150 --eval_every 50
-    python docs/experiments/rank_probe.py --opt muon --lr 1e-2 --alr 2e-3 --steps 600 --eval_every 100
-    python docs/experiments/rank_probe.py --joint 1 --sched const --steps 150 --eval_every 25
-    python docs/experiments/rank_probe.py --precond 1e-2 --opt tadam --local 1 --sched const --steps 100 --eval_every 25
+    python experiments/frontier/rank_probe.py --opt adam --lr 2e-3 --sched const --steps 150 --eval_every 50
+    python experiments/frontier/rank_probe.py --opt muon --lr 1e-2 --alr 2e-3 --steps 600 --eval_every 100
+    python experiments/frontier/rank_probe.py --joint 1 --sched const --steps 150 --eval_every 25
+    python experiments/frontier/rank_probe.py --precond 1e-2 --opt tadam --local 1 --sched const --steps 100 --eval_every 25
 
 Not part of the package or the tests: an experiment, one thread, ~0.08 s per Adam step on the project machine.
 """
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository root, for `experiments`
 
 import torch
 
 from hf_batch_entropy import batch_entropies
-from hf_batch_entropy.frontier import DEAD_ENTROPY, load_digits_split
+from experiments.frontier import DEAD_ENTROPY, load_digits_split
 from hf_batch_entropy.models import build_vanilla_model
 
 RANK_LAYERS = (1, 5, 10, 50, 250, 500)

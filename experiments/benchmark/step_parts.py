@@ -2,7 +2,7 @@
 thread, median process CPU time over repetitions of each part on its own. Writes a JSON with commit, versions, machine
 and command. Not part of the package or the tests.
 
-    python docs/experiments/step_parts.py --width 64 --out docs/benchmarks/step_parts_w64.json
+    python experiments/benchmark/step_parts.py --width 64 --out docs/benchmarks/step_parts_w64.json
 
 Parts: the forward with hidden states (through the modules, as before the direct path, and direct), the batch-entropies,
 the backward of the LBE loss, Trainer's gradient clipping (torch's `clip_grad_norm_`, and the norm alone, which is what
@@ -46,12 +46,12 @@ def main() -> None:
 
     import torch
 
-    import hf_batch_entropy.frontier as tv
+    import experiments.frontier as tv
     from hf_batch_entropy import batch_entropies
     from hf_batch_entropy.denormals import flush_denormals
     from hf_batch_entropy.models import build_vanilla_model
     from hf_batch_entropy.models import modeling_vanilla
-    from hf_batch_entropy.provenance import provenance
+    from experiments.provenance import provenance
 
     torch.set_num_threads(1)
     flush_denormals()

@@ -19,9 +19,9 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from .. import BatchEntropyConfig, BatchEntropyTrainer
-from ..provenance import cpu_model, provenance
-from ..denormals import FlushDenormalsCallback, flush_denormals
+from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
+from experiments.provenance import cpu_model, provenance
+from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
 
 from .cases import ALL_CASES, CPU_CASES, CUDA_CASES, Case, TensorDictDataset, get_case
 from .measure import CLOCKS, CpuPeakMemory, StepTimer, cuda_peak_memory

@@ -100,7 +100,7 @@ class DataArguments:
                   "'frontier' (the depth ladder, 3 seeds, 1,000 steps: lr 1e-3 for 400 steps, then 3e-4), 'long' "
                   "(depth 500, LBE, lr 1e-4 cosine, 10,000 steps), 'depth50' (depth 50, LBE, lr "
                   "3e-4 constant, 15,000 steps). "
-                  "See PRESETS in hf_batch_entropy/frontier/arguments.py; the README gives the measured times.",
+                  "See PRESETS in experiments/frontier/arguments.py; the README gives the measured times.",
                   "choices": sorted(PRESETS)},
     )
     dataset: str = field(

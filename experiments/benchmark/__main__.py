@@ -1,0 +1,5 @@
+"""`python -m experiments.benchmark ...`: the same as `python scripts/benchmark.py ...`."""
+
+from .cli import main
+
+main()
