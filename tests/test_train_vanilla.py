@@ -350,13 +350,29 @@ def test_bad_input_is_a_one_line_usage_error(tmp_path, capsys, argv, message):
 
 
 def test_run_order():
-    """One worker: the table's order (the order cannot change one process's total time). Several: longest first."""
-    model_args, data_args, _ = frontier.parse_arguments(["--depths", "10,500", "--num_seeds", "2"])
+    """One worker: the table's order (the order cannot change one process's total time). Several: the short runs
+    (ceilings, shallowest depth) first, so that results come within seconds, then the others longest first."""
+    model_args, data_args, _ = frontier.parse_arguments(["--depths", "10,100,500", "--num_seeds", "2"])
     names = [j.name for j in frontier.plan_jobs(model_args, data_args, workers=1)]
     assert names[:4] == ["ceiling_depth2_seed0", "ceiling_depth2_seed1", "baseline_depth10_seed0", "lbe_depth10_seed0"]
-    assert names[-1] == "lbe_depth500_seed1" and len(names) == 10
+    assert names[-1] == "lbe_depth500_seed1" and len(names) == 14
     names = [j.name for j in frontier.plan_jobs(model_args, data_args, workers=2)]
-    assert names[:2] == ["lbe_depth500_seed0", "lbe_depth500_seed1"] and names[-1] == "ceiling_depth2_seed1"
+    assert names[:6] == ["ceiling_depth2_seed0", "ceiling_depth2_seed1", "baseline_depth10_seed0", "lbe_depth10_seed0",
+                         "baseline_depth10_seed1", "lbe_depth10_seed1"]
+    assert names[6:8] == ["lbe_depth500_seed0", "lbe_depth500_seed1"] and names[-1] == "baseline_depth100_seed1"
+
+
+def test_the_job_prints_no_deepspeed_warning(tmp_path):
+    """DeepSpeed, imported by Trainer whenever it is installed, warns in every process that it falls back to the CPU
+    unless told; the job (on the CPU, without DeepSpeed) tells it, so its output carries no such warning."""
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run([sys.executable, SCRIPT, "--depths", "3,4", "--num_seeds",
+                           "1", "--ceiling", "false", "--workers", "2", "--output_dir", str(tmp_path / "out"), *TINY],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "run 4/4" in done.stdout
+    assert "accelerator" not in done.stdout + done.stderr
 
 
 def test_progress_line_estimates_the_time_left():

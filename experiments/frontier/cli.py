@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None, program: Sequence[str] = (SCRIPT,)) -> d
     meta = provenance(argv, expanded, program)
 
     cpu = training_args.device.type == "cpu"
+    if cpu:
+        # Trainer imports DeepSpeed whenever it is installed (accelerate's unwrap_model), and DeepSpeed, left to detect
+        # an accelerator, warns that it falls back to the CPU in every process. This job runs on the CPU: say so, and the
+        # workers inherit it.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = resolve_threads(model_args) if cpu else None
     # Auto: one single-thread worker per logical CPU. On a quiet 2-vCPU AMD EPYC VM two workers ran the frontier in
     # 4.9 min; one worker took 10.4 min while another job held the second vCPU (docs/vanilla.md). On a machine busy

@@ -389,10 +389,12 @@ def plan_jobs(model_args: ModelArguments, data_args: DataArguments, workers: int
 
     One worker: the table's order (the ceiling, then depth by depth, each seed's baseline and LBE run together). The
     order cannot change the total time of one process running everything in turn, and this one gives the first
-    results in seconds. Several workers: longest first (deepest, LBE before baseline; the longest-processing-time
-    rule), because the total time is then set by the last run to finish: a depth-500 run started last would keep one
-    worker busy for minutes while the others sit idle (on the frontier a depth-500 run takes ~15 times a depth-10
-    one). The progress lines (run k of N, time left) make either order readable.
+    results in seconds. Several workers: the runs of the shallowest depth and the ceilings first (seconds each, so
+    that the first progress lines and a first time estimate come within seconds), then the others longest first
+    (deepest, LBE before baseline; the longest-processing-time rule), because the total time is then set by the last
+    run to finish: a depth-500 run started last would keep one worker busy for minutes while the others sit idle (on
+    the frontier a depth-500 run takes ~15 times a depth-10 one). Running the short runs first costs the total at
+    most one short run.
     """
     depths = parse_depths(model_args.depths)
     runs = parse_runs(data_args.runs)
@@ -400,5 +402,7 @@ def plan_jobs(model_args: ModelArguments, data_args: DataArguments, workers: int
     if model_args.ceiling and len(depths) > 1:
         jobs = [Job("ceiling", model_args.ceiling_depth, i) for i in range(data_args.num_seeds)] + jobs
     if workers > 1:
-        jobs = sorted(jobs, key=lambda j: (-j.depth, j.kind != "lbe", j.seed_index))
+        short = [j for j in jobs if j.kind == "ceiling" or j.depth == min(depths)]
+        rest = [j for j in jobs if j not in short]
+        jobs = short + sorted(rest, key=lambda j: (-j.depth, j.kind != "lbe", j.seed_index))
     return jobs
