@@ -9,6 +9,7 @@ the majority class (the script prints both). Full runs with seeds are `scripts/r
 """
 
 import argparse
+import sys
 
 import numpy as np
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
@@ -26,7 +27,10 @@ cli = parser.parse_args()
 # A DatasetDict with sentence1, sentence2 and the Hub's label ids: from the Hub, or from the original GLUE TSVs
 # (RTE's text labels and stray quotes included).
 if cli.data_dir is None:
-    data, spec = load_glue_from_hub("rte")
+    try:
+        data, spec = load_glue_from_hub("rte")
+    except ConnectionError as err:  # no Hub: one line with the offline command, not a traceback
+        sys.exit(f"finetune_rte.py: {err} Offline: python examples/finetune_rte.py --data_dir path/to/glue/RTE")
 else:
     data, spec = load_glue_files({"train": f"{cli.data_dir}/train.tsv", "validation": f"{cli.data_dir}/dev.tsv"}, "rte")
 tokenizer = AutoTokenizer.from_pretrained(cli.model)

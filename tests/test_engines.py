@@ -18,7 +18,7 @@ a new trainer (see `tests/engine_worker.py`). For each engine the tests check:
 FSDP2 on CPU needs the test-only shim `tests/fsdp_cpu_shim.py` (Accelerate drops the FSDP plugin on CPU processes; the
 shim's docstring names the line); plain `Trainer` runs under the same shim as the control. On a machine with 2 GPUs or
 more, `HF_BATCH_ENTROPY_TEST_ENGINE_DEVICE=cuda` runs the same tests with NCCL and bf16 (`scripts/gpu_check.sh`).
-DeepSpeed needs the `[deepspeed]` extra (`DS_BUILD_OPS=0 pip install "hf-batch-entropy[deepspeed]"`, as `.ci/setup`
+DeepSpeed needs the `[deepspeed]` extra (`DS_BUILD_OPS=0 pip install deepspeed`, as `.ci/setup`
 does). The bundled MLP/CNN models are not run here: they fail under FSDP2 (see docs/distributed.md).
 
 Four 2-process launches and one pair of 1-process launches (the two "machines"); under 2 minutes on 2 busy CPU
@@ -74,7 +74,7 @@ SCALE_OUT = ("zero2", "zero3", "fsdp2")
 
 def _needs(engine: str) -> None:
     if engine.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
-        pytest.skip('needs deepspeed: DS_BUILD_OPS=0 pip install "hf-batch-entropy[deepspeed]" (.ci/setup installs it)')
+        pytest.skip('needs deepspeed: DS_BUILD_OPS=0 pip install deepspeed (.ci/setup installs it)')
 
 
 def _free_port() -> int:

@@ -1,5 +1,5 @@
-"""The examples run as their docstrings spell them (with a tiny step count), and the README's usage example is
-examples/finetune_rte.py verbatim.
+"""The examples run as their docstrings spell them (with a tiny step count); the README's quickstart and the guide's
+usage example are the example files verbatim, and the README's other code blocks run.
 
 The Hub is out of reach in the tests, so each example runs its documented offline command (the line marked
 "offline" in its docstring) on the GLUE samples of tests/fixtures/glue, and its default command is checked to stop
@@ -41,14 +41,58 @@ def offline_command(name: str) -> list[str]:
     return [w.replace("path/to/glue", GLUE_SAMPLES) for w in words[2:]]
 
 
-@pytest.mark.parametrize("section,name", [("## Quickstart", "quickstart.py"), ("## Usage", "finetune_rte.py")])
-def test_readme_code_is_the_example_verbatim(section, name):
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+def python_blocks(doc: str) -> list[str]:
+    with open(os.path.join(REPO, doc), encoding="utf-8") as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+@pytest.mark.parametrize("doc,name", [("README.md", "quickstart.py"), ("docs/guide.md", "finetune_rte.py")])
+def test_docs_code_is_the_example_verbatim(doc, name):
     with open(os.path.join(REPO, "examples", name), encoding="utf-8") as f:
         example = f.read()
-    block = re.search(r"```python\n(.*?)```", readme[readme.index(section):], flags=re.S).group(1)
-    assert block == example
+    assert example in python_blocks(doc)
+
+
+def test_readme_code_blocks_run(tmp_path, monkeypatch):
+    """The README's ways in: the mixin block builds a TRL trainer class and its config; the module-targets block,
+    given a CNN and a dataset, trains with one regularized layer per ReLU."""
+    pytest.importorskip("trl")
+    import torch
+    from torch import nn
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_batch_entropy import BatchEntropyMixin
+
+    monkeypatch.chdir(tmp_path)
+    with open(os.path.join(REPO, "examples", "quickstart.py"), encoding="utf-8") as f:
+        quickstart = f.read()
+    mixin, targets = [block for block in python_blocks("README.md") if block != quickstart]
+
+    namespace: dict = {}
+    exec(mixin, namespace)
+    assert issubclass(namespace["SFTWithLBETrainer"], BatchEntropyMixin)
+    assert issubclass(namespace["SFTWithLBETrainer"], SFTTrainer)
+    config = namespace["SFTWithLBEConfig"](output_dir=str(tmp_path / "sft"), lbe_beta=0.05, bf16=False)  # CPU
+    assert isinstance(config, SFTConfig) and config.lbe_beta == 0.05
+
+    class CNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, pixel_values, labels=None):
+            logits = self.head(self.body(pixel_values).flatten(1))
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    torch.manual_seed(0)
+    images = torch.randn(32, 1, 8, 8)
+    namespace = {"my_cnn": CNN(), "ds": [{"pixel_values": x, "labels": i % 10} for i, x in enumerate(images)]}
+    exec(targets, namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == 12  # 3 epochs of 4 batches of 8
+    assert trainer.regularizer.num_layers == 2
+    assert (trainer.regularizer.alpha.detach() != 0.5).all()  # the targets trained: the LBE term was in the loss
 
 
 def test_quickstart(tmp_path):
@@ -63,8 +107,11 @@ def test_quickstart(tmp_path):
 def test_default_command_without_the_hub_says_how_to_run_offline(name, tmp_path):
     pytest.importorskip("trl")
     done = run_example(name, "--output_dir", str(tmp_path), check=False)
-    assert done.returncode != 0
-    assert "Could not load GLUE task" in done.stderr and "local files" in done.stderr
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr  # one line, no chained tracebacks
+    assert done.stderr.startswith(f"{name}: Could not load GLUE task")
+    offline = " ".join(["python", f"examples/{name}", *offline_command(name)]).replace(GLUE_SAMPLES, "path/to/glue")
+    assert done.stderr.strip().endswith(f"Offline: {offline}")
 
 
 @pytest.mark.slow

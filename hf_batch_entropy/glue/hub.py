@@ -29,11 +29,14 @@ def load_glue_from_hub(task: GlueTask | str, cache_dir: str | None = None, **kwa
         raw = datasets.load_dataset(GLUE_HUB_DATASET, task.name, cache_dir=cache_dir, **kwargs)
     except (ConnectionError, OSError, ValueError) as err:
         # Offline (HF_DATASETS_OFFLINE=1 or no network) datasets raises ConnectionError/OSError/ValueError variants.
+        # One line (the scripts print it as their error): datasets' own message can span several.
+        reason = " ".join(str(err).split()) or type(err).__name__
         raise ConnectionError(
-            f"Could not load GLUE task {task.name!r} from the Hub dataset {GLUE_HUB_DATASET!r} ({err}). Without "
+            f"Could not load GLUE task {task.name!r} from the Hub dataset {GLUE_HUB_DATASET!r} ({reason}). Without "
             "access to the Hub, use local files, e.g. the original GLUE TSV files: `load_glue_files(files, "
             f"{task.name!r})`; the scripts and examples take them by flag (run_glue.py: --task_name {task.name} "
-            "--train_file ... --validation_file ...; the examples' --help names theirs)."
+            "--train_file ... --validation_file ...; the examples' --help names theirs; tests/fixtures/glue holds "
+            "samples). HF_HUB_OFFLINE=1 skips the attempt to reach the Hub."
         ) from err
     spec = LabelSpec(task.sentence_keys, list(task.label_names) if task.label_names else None, task)
     if not task.is_regression:
