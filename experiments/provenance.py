@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["cpu_model", "git", "provenance"]
+__all__ = ["cpu_model", "git", "portable_path", "provenance"]
 
 #: Versions recorded in every provenance (besides this package's, as `hf_batch_entropy`, and the ones a caller names).
 CORE_PACKAGES = ("torch", "transformers", "accelerate", "numpy")
@@ -52,6 +52,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def portable_path(word: str, repo: str = REPOSITORY) -> str:
+    """A command-line word as a reader of the record can use it on another machine: an absolute path inside the
+    repository becomes relative to its root; any other absolute path becomes `path/to/<its last part>`, the docs'
+    placeholder (the folders of one machine mean nothing on another). `--flag=/a/path` is treated alike; other words
+    are kept.
+
+        >>> portable_path("/tmp/runs/glue/RTE", repo="/home/me/hf-batch-entropy")
+        'path/to/RTE'
+    """
+    flag, sep, value = word.partition("=") if word.startswith("--") else ("", "", word)
+    if not os.path.isabs(value):
+        return word
+    inside = os.path.commonpath([os.path.abspath(value), repo]) == repo
+    value = os.path.relpath(value, repo) if inside else f"path/to/{os.path.basename(value.rstrip(os.sep))}"
+    return f"{flag}{sep}{value}"
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -66,7 +86,8 @@ def provenance(
 
     Args:
         argv: The command as run, script path first (default: `sys.argv`); recorded as `python <argv...>`, quoted for
-            a shell, with the script's path relative to the current directory.
+            a shell, with the script's path relative to the current directory and every other absolute path made
+            portable (`portable_path`).
         packages: Distribution names whose versions are recorded besides `CORE_PACKAGES` (e.g. `"scikit-learn"`).
         repo: The git checkout whose commit is recorded (default: the one this package is in).
         **machine: Facts about how the run used the machine (threads, processes, ...), added to `machine`.
@@ -80,6 +101,7 @@ def provenance(
     argv = list(sys.argv if argv is None else argv)
     if argv and os.path.isabs(argv[0]):
         argv[0] = os.path.relpath(argv[0])
+    argv = argv[:1] + [portable_path(word) for word in argv[1:]]
     status = git("status", "--porcelain", "--untracked-files=no", cwd=repo)
     cuda = None
     if "torch" in sys.modules:

@@ -38,3 +38,25 @@ def test_commit_and_dirty_state_of_the_checkout():
 
 def test_git_outside_a_repository_is_none(tmp_path):
     assert git("rev-parse", "HEAD", cwd=str(tmp_path)) is None
+
+
+def test_recorded_commands_carry_no_local_absolute_paths(tmp_path):
+    """Paths inside the repository are recorded relative to it; others as the docs' `path/to/<name>` placeholder."""
+    inside = os.path.join(REPO, "tests", "fixtures", "glue", "RTE")
+    record = provenance(["scripts/x.py", "--data_dir", inside, f"--output={tmp_path / 'out.json'}", "--lr", "1e-3"])
+    assert record["command"] == "python scripts/x.py --data_dir tests/fixtures/glue/RTE --output=path/to/out.json --lr 1e-3"
+
+
+def test_result_files_in_the_docs_carry_no_local_absolute_paths():
+    import json
+    import re
+
+    pattern = re.compile(r"(^|[\s\"'=(])/(work|root|tmp|home)/")
+    found = []
+    for folder, _, names in os.walk(os.path.join(REPO, "docs")):
+        for name in names:
+            if name.endswith((".json", ".md")):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    text = json.dumps(json.load(f)) if name.endswith(".json") else f.read()
+                found += [f"{name}: {m.group(0)}" for m in pattern.finditer(text)]
+    assert not found, found

@@ -206,12 +206,16 @@ def main() -> None:
             if "main" in by and ref in by:
                 by["main"][f"ratio_to_{ref}"] = by["main"]["cpu_ms_per_step"] / by[ref]["cpu_ms_per_step"]
                 by["main"][f"ratio_to_{ref}_fastest_step"] = by["main"]["cpu_ms_step_min"] / by[ref]["cpu_ms_step_min"]
+    record = _provenance_module()
+    for r in results:
+        if "argv" in r:
+            r["argv"] = [record.portable_path(word) for word in r["argv"]]
     report = {
         "meta": {
-            **_provenance_module().provenance([os.path.relpath(__file__), *sys.argv[1:]], repo=repo,
-                                              torch_threads=torch.get_num_threads()),
-            "measured_checkout": repo,
-            "hf_batch_entropy_file": hf_batch_entropy.__file__,
+            **record.provenance([os.path.relpath(__file__), *sys.argv[1:]], repo=repo,
+                                torch_threads=torch.get_num_threads()),
+            "measured_checkout": record.portable_path(repo),
+            "hf_batch_entropy_file": record.portable_path(hf_batch_entropy.__file__, repo=repo),
             "clock": "process CPU time (time.process_time), one PyTorch thread; wall time alongside",
             "note": args.note,
         },
