@@ -158,3 +158,40 @@ def test_cli_module_entry_point(tmp_path):
     )
     assert result.returncode == 1, result.stderr
     assert "FLAGGED" in result.stdout and "Suggested BatchEntropyConfig settings" in result.stdout
+
+
+def test_a_folder_without_a_usable_tokenizer_is_refused_not_reported_as_broken(tmp_path, capsys):
+    """What save_model writes without a processing_class: a config and weights only. The tokenizer transformers
+    builds for it maps every sentence to the same tokens; the diagnosis says so and exits 2 (it used to report
+    'information flow broken' with every entropy 0)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "no_tokenizer")
+    capsys.readouterr()  # what saving printed (DeepSpeed's accelerator notice where it is installed)
+    assert main([str(tmp_path / "no_tokenizer")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert "identical across the batch" in captured.err and "tokenizer" in captured.err
+    with pytest.raises(ValueError, match="identical across the batch"):
+        diagnose(str(tmp_path / "no_tokenizer"))
+
+
+def test_identical_probe_inputs_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="identical across the batch"):
+        diagnose(model, batches=[torch.ones(8, 4)])
+    assert diagnose(model, batches=[torch.randn(8, 4)]).entropies  # varied inputs: measured as before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--vanilla", "mlp", "--depth", "0"], "depth must be an integer >= 1, got 0"),
+    (["/no/such/model_folder"], "/no/such/model_folder: no such file or directory"),
+    (["./missing_model"], "./missing_model: no such file or directory"),
+])
+def test_bad_command_lines_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith("python -m hf_batch_entropy.diagnosis: error: ") and message in captured.err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub name (`name` or `namespace/name`)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    print(f"{parser.prog}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point. Exit status: 0 when every layer passes, 1 when some layer is flagged, 2 on bad usage."""
     parser = build_parser()
@@ -55,14 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..models import VanillaCNNConfig, VanillaMLPConfig
 
         common = dict(depth=args.depth, activation=args.activation, image_size=args.image_size)
-        config = (
-            VanillaMLPConfig(width=args.width, **common)
-            if args.vanilla == "mlp"
-            else VanillaCNNConfig(channels=args.width, **common)
-        )
+        try:
+            config = (
+                VanillaMLPConfig(width=args.width, **common)
+                if args.vanilla == "mlp"
+                else VanillaCNNConfig(channels=args.width, **common)
+            )
+        except ValueError as err:  # a depth, width or activation out of range: the config says which
+            return _usage_error(parser, str(err))
         target: Any = config
     else:
         target = args.model
+        if _looks_local(target) and not os.path.exists(target):
+            return _usage_error(parser, f"{target}: no such file or directory (give a local model folder or a Hub "
+                                "name such as bert-base-uncased).")
+    if (args.device or "cpu") == "cpu":
+        # Transformers imports DeepSpeed where it is installed, and DeepSpeed, left to guess, warns that it falls back
+        # to the CPU: the diagnosis runs there, so say so.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Subnormal floats in deep dead networks slow CPU arithmetic down (docs/vanilla.md); they are ~0 anyway.
     flush_denormals()
     try:
@@ -78,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
         )
     except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _usage_error(parser, str(err))
     if args.json:
         import json
 

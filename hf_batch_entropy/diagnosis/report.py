@@ -164,6 +164,14 @@ def suggest_settings(entropies: torch.Tensor, flagged: Sequence[int], pretrained
 
 
 @torch.no_grad()
+def _inputs_vary(batch: dict[str, Any] | torch.Tensor) -> bool:
+    """Whether some input (masks aside) differs between the examples of `batch` (a batch of one is left to the
+    estimator's own error)."""
+    items = batch.items() if isinstance(batch, dict) else [("input", batch)]
+    tensors = [x for key, x in items if isinstance(x, torch.Tensor) and x.dim() > 0 and "mask" not in key]
+    return any(x.shape[0] < 2 or not bool((x == x[:1]).all()) for x in tensors)
+
+
 def diagnose(
     model_or_name_or_config: nn.Module | str | os.PathLike | Any,
     batches: Iterable[dict[str, Any] | torch.Tensor] | None = None,
@@ -232,6 +240,12 @@ def diagnose(
     batches = list(batches)
     if not batches:
         raise ValueError("diagnose() got no batches.")
+    if not any(_inputs_vary(batch) for batch in batches):
+        # Identical examples have zero batch-entropy in every layer by construction: a report would blame the network.
+        why = (" Its tokenizer maps the probe sentences to the same tokens: a folder saved without a usable tokenizer "
+               "(save the model with its processing_class, or pass `tokenizer=`)?" if tokenizer is not None else "")
+        raise ValueError(f"The probe inputs for {name} are identical across the batch, so every batch-entropy would be 0 "
+                         f"whatever the network.{why} Pass `batches` of varied inputs.")
 
     was_training = model.training
     # Eval mode: the diagnosis is about the function the network computes; dropout noise would fake entropy.
