@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,3 +32,14 @@ def test_tiny_case_writes_its_table_and_provenance(tmp_path):
         assert variant["peak_memory_bytes"] > 0
     assert case["variants"]["trainer"]["time_ratio"] == 1.0 and case["variants"]["lbe"]["time_ratio"] > 0
     assert "| tiny-bert | BatchEntropyTrainer |" in done.stdout
+
+
+@pytest.mark.parametrize("command,program", [
+    (["scripts/benchmark.py", "--steps", "0"], "benchmark.py"),
+    (["-m", "experiments.benchmark", "--rounds", "0"], "python -m experiments.benchmark"),
+])
+def test_bad_counts_are_one_line_naming_the_program(command, program):
+    done = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    flag, value = command[-2:]
+    assert done.stderr.strip() == f"{program}: error: argument {flag}: must be >= 1, got {value}"

@@ -340,3 +340,15 @@ def test_missing_file_is_a_one_line_usage_error_before_anything_is_logged(tmp_pa
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip() == f"run_glue.py: error: {missing}: no such file (given as a --train_file, --validation_file or --test_file)."
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--task_name", "nope"], "Unknown GLUE task 'nope': choose one of cola, sst2"),
+    (["--task_name", "rte", "--max_seq_length", "0"], "--max_seq_length must be a positive number of tokens, got 0."),
+    (["--task_name", "rte", "--max_seq_length", "-3"], "--max_seq_length must be a positive number of tokens, got -3."),
+])
+def test_bad_values_are_usage_errors(flags, message, tmp_path):
+    """Caught while parsing (the script prints them as one line and exits 2, as for a missing file)."""
+    with pytest.raises(run_glue.UsageError) as err:
+        run_glue.parse_args([*flags, "--output_dir", str(tmp_path)])
+    assert message in str(err.value) and "\n" not in str(err.value)

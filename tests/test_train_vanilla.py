@@ -325,6 +325,7 @@ def test_module_entry_point_is_the_same_job():
 
 @pytest.mark.parametrize("argv, message", [
     (["--preset", "fast"], "argument --preset: invalid choice: 'fast' (choose from 'depth50', 'frontier', 'long')"),
+    (["--max_steps", "0"], "argument --max_steps: must be >= 1 (or -1: train for --num_train_epochs), got 0"),
     (["--preset=fast"], "argument --preset: invalid choice: 'fast'"),
     (["--dataset", "/nonexistent/dir"], "argument --dataset: no such folder: /nonexistent/dir"),
     (["--dataset", "./missing_images"], "argument --dataset: no such folder: ./missing_images"),

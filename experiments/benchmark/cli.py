@@ -175,7 +175,10 @@ def print_table(results: list[dict], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The program users run: scripts/benchmark.py (argparse's default), or the module.
+    prog = "python -m experiments.benchmark" if os.path.basename(sys.argv[0]) == "__main__.py" else None
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--cases", nargs="+", choices=ALL_CASES, help="default: minilm mlp256 on CPU, bert-base mlp1000 on CUDA")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast) for both trainers")
@@ -205,6 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
         "is the step's compute, which other jobs on a shared machine barely move, while its wall time can grow 5-10×)",
     )
     opts = parser.parse_args(argv)
+    for flag, low in (("steps", 1), ("rounds", 1), ("memory_steps", 1), ("memory_repeats", 1), ("warmup", 0),
+                      ("batch_size", 2), ("threads", 1)):
+        value = getattr(opts, flag)
+        if value is not None and value < low:  # one line, as argparse's own errors would be without the usage
+            print(f"{parser.prog}: error: argument --{flag}: must be >= {low}, got {value}", file=sys.stderr)
+            raise SystemExit(2)
     if "trainer" not in opts.variants:
         opts.variants = ["trainer"] + opts.variants
     if opts.device == "cuda" and not torch.cuda.is_available():

@@ -265,6 +265,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         if value < low:
             why = " (batch-entropy is a statistic over the batch)" if "batch" in flag else ""
             raise UsageError(f"argument {flag}: must be >= {low}, got {value}{why}")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise UsageError(f"argument --max_steps: must be >= 1 (or -1: train for --num_train_epochs), "
+                         f"got {training_args.max_steps}")
     if not 0 < data_args.test_size < 1:
         raise UsageError(f"argument --test_size: must lie between 0 and 1, got {data_args.test_size}")
     if model_args.lbe_layers == "reference" and training_args.lbe_target_modules is not None:

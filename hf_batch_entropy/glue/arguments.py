@@ -168,7 +168,12 @@ class DataTrainingArguments:
     def __post_init__(self) -> None:
         # Checked while parsing, before anything is loaded or logged: a typo costs one line, not a model download.
         if self.task_name is not None:
-            self.task_name = get_glue_task(self.task_name).name  # "SST-2" -> "sst2"; unknown names fail here
+            try:
+                self.task_name = get_glue_task(self.task_name).name  # "SST-2" -> "sst2"
+            except ValueError as err:  # an unknown name: the error lists the tasks
+                raise UsageError(str(err)) from None
+        if self.max_seq_length < 1:
+            raise UsageError(f"--max_seq_length must be a positive number of tokens, got {self.max_seq_length}.")
         files = [f for f in (self.train_file, self.validation_file, self.test_file) if f is not None]
         if self.task_name is None and not files:
             raise UsageError(
