@@ -377,17 +377,25 @@ def test_the_job_prints_no_deepspeed_warning(tmp_path):
 
 
 def test_progress_line_estimates_the_time_left():
+    """Work in run-seconds (finished as measured, the rest predicted) over the workers, minus the wall time since
+    the first run started: runs in flight count, and a deep finished run calibrates the cost per layer."""
     jobs = [frontier.Job("baseline", 10, 0), frontier.Job("baseline", 100, 0), frontier.Job("lbe", 100, 0)]
-    progress = frontier.Progress(jobs, workers=1)
-    # 35 s for a run of cost 10 + 17: 35/27 s per unit; 2 × 117 units left → 303 s.
+    now = [35.0]
+    progress = frontier.Progress(jobs, workers=1, clock=lambda: now[0])
+    # 35 s for a run of prior cost 10 + 17: 35/27 s per unit; 2 × 117 units left → 303 s.
     assert progress.line(jobs[0], {"test_accuracy": 0.834, "wall_time_s": 35.0}) == (
         "run 1/3  baseline  depth 10   seed 0  test accuracy  83.4%     35 s  (about 5.1 min left)")
-    # Then 160 s for 144 units: 117 units left → 130 s.
+    # Depth 100 took 125 s: the fit through (10, 35 s) and (100, 125 s) predicts 125 s for the last run; 285 s of work
+    # in all, 160 s spent.
+    now[0] = 160.0
     line = progress.line(jobs[1], {"test_accuracy": 0.1, "wall_time_s": 125.0})
-    assert line == "run 2/3  baseline  depth 100  seed 0  test accuracy  10.0%    125 s  (about 2.2 min left)"
-    assert "all done in" in progress.line(jobs[2], {"test_accuracy": 0.25, "wall_time_s": 125.0})
-    progress = frontier.Progress(jobs, workers=2)
-    assert progress.line(jobs[0], {"test_accuracy": 0.5, "wall_time_s": 35.0}).endswith("(about 2.5 min left)")
+    assert line == "run 2/3  baseline  depth 100  seed 0  test accuracy  10.0%    125 s  (about 2.1 min left)"
+    now[0] = 285.0
+    assert "all done in 4.2 min" in progress.line(jobs[2], {"test_accuracy": 0.25, "wall_time_s": 125.0})
+    # Two workers: the same work spread over both (338 s / 2), minus the 35 s already spent: 134 s.
+    now[0] = 35.0
+    progress = frontier.Progress(jobs, workers=2, clock=lambda: now[0])
+    assert progress.line(jobs[0], {"test_accuracy": 0.5, "wall_time_s": 35.0}).endswith("(about 2.2 min left)")
 
 
 def test_picture_titles_and_legend(tmp_path, monkeypatch):

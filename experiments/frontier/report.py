@@ -139,8 +139,9 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# Relative cost of a run, for the time-left estimate only: in the documented frontier (1,000 steps) a run took about
-# 2.5 s plus 0.145 s per hidden layer (docs/results/vanilla_frontier.json), i.e. a fixed part worth ~17 layers.
+# The prior shape of a run's cost, for the time-left estimate until a deep run has finished: in the documented
+# frontier (1,000 steps) a run took about 2.5 s plus 0.145 s per hidden layer (docs/results/vanilla_frontier.json),
+# i.e. a fixed part worth ~17 layers.
 def run_cost(job: Job) -> float:
     return job.depth + 17.0
 
@@ -151,23 +152,47 @@ def _duration(seconds: float) -> str:
 
 class Progress:
     """The one line printed per finished run: run k of N, kind, depth, seed, test accuracy, seconds, and the time
-    left for the job, estimated from the seconds per unit of `run_cost` of the runs done so far."""
+    left for the job.
 
-    def __init__(self, jobs: list[Job], workers: int):
-        self.total, self.workers = len(jobs), workers
-        self.cost_left = sum(run_cost(j) for j in jobs)
-        self.cost_done, self.seconds_done, self.done = 0.0, 0.0, 0
-        self.start = time.perf_counter()
+    The time left is the job's work in run-seconds (the finished runs as measured, the others predicted) spread over
+    the workers, minus the wall time since the first run started; counting wall time credits the runs in flight. A
+    run's seconds are predicted as `a + b·depth`, fitted to the finished runs once one of them is at least half as
+    deep as the deepest planned (so the fit does not extrapolate from shallow runs alone); before that, as the prior
+    `run_cost` scaled to the finished runs' seconds.
+    """
+
+    def __init__(self, jobs: list[Job], workers: int, clock=time.perf_counter):
+        self.jobs, self.total, self.workers = list(jobs), len(jobs), workers
+        self.finished: dict[str, tuple[int, float]] = {}  # run name -> (depth, seconds)
+        self.clock = clock
+        self.start = clock()
+        self.first_start: float | None = None
+
+    def _seconds(self, depth: int) -> float:
+        """Predicted seconds of a run of this depth."""
+        depths, seconds = zip(*self.finished.values())
+        if max(depths) * 2 >= max(j.depth for j in self.jobs) and len(set(depths)) > 1:
+            mean_d, mean_s = sum(depths) / len(depths), sum(seconds) / len(seconds)
+            slope = (sum((d - mean_d) * (t - mean_s) for d, t in zip(depths, seconds))
+                     / sum((d - mean_d) ** 2 for d in depths))
+            intercept = mean_s - slope * mean_d
+            if slope > 0 and intercept >= 0:
+                return intercept + slope * depth
+        per_unit = sum(seconds) / sum(d + 17.0 for d in depths)
+        return per_unit * (depth + 17.0)
 
     def line(self, job: Job, result: dict) -> str:
-        self.done += 1
-        self.cost_left -= run_cost(job)
-        self.cost_done += run_cost(job)
-        self.seconds_done += result["wall_time_s"]
+        now = self.clock()
+        if self.first_start is None:
+            self.first_start = now - result["wall_time_s"]
+        self.finished[job.name] = (job.depth, result["wall_time_s"])
+        done = len(self.finished)
         width = len(str(self.total))
-        head = (f"run {self.done:>{width}}/{self.total}  {job.kind:<8}  depth {job.depth:<4} seed {job.seed_index}  "
+        head = (f"run {done:>{width}}/{self.total}  {job.kind:<8}  depth {job.depth:<4} seed {job.seed_index}  "
                 f"test accuracy {100 * result['test_accuracy']:5.1f}%  {result['wall_time_s']:5.0f} s")
-        if self.done == self.total:
-            return f"{head}  (all done in {_duration(time.perf_counter() - self.start)})"
-        left = self.seconds_done / self.cost_done * self.cost_left / self.workers
+        if done == self.total:
+            return f"{head}  (all done in {_duration(now - self.start)})"
+        work = sum(t for _, t in self.finished.values()) + sum(
+            self._seconds(j.depth) for j in self.jobs if j.name not in self.finished)
+        left = max(0.0, work / self.workers - (now - self.first_start))
         return f"{head}  (about {_duration(left)} left)"
