@@ -14,16 +14,17 @@ It only glues the pieces into `Trainer`'s hooks:
   come from (`capture.select_capture`, on a no-grad probe of that batch, RNG untouched); the first training call
   builds the `BatchEntropyRegularizer`, by then on the model's device and after any wrapping (DDP, FSDP2,
   DeepSpeed), whoever built the optimizer;
-- `training_step` / `log`: a guard: with `lbe_beta > 0`, a logging window without a regularized step is an error
-  that names the cause, never a silent run without LBE;
-- `on_pre_optimizer_step` / `on_optimizer_step` (an internal callback): `α` is trained by the regularizer's own AdamW,
-  once per optimizer step that `Trainer` takes, at the main schedule's factor; `Trainer`'s optimizer and scheduler
-  see model parameters only;
-- `log` / `evaluation_loop` / `prediction_step`: named LBE metrics, summed on the device per mode and reduced across
-  processes once per logging window (training) or per `evaluate()` / `predict()` call (with or without labels); the
-  NaN/inf check reads its tally there too, so the training step never synchronizes with the host;
-- `save_model` / `train(resume_from_checkpoint=...)` / `_load_best_model`: `α` and its optimizer state travel with
-  every checkpoint and the final folder; the model's own files stay plain Transformers files.
+- `training_step` / `log`: the guard (`guard.RegularizationGuard`): with `lbe_beta > 0`, a logging window without
+  a regularized step is an error that names the cause, never a silent run without LBE;
+- `Trainer`'s `on_pre_optimizer_step` / `on_optimizer_step` events (its callback handler, not a callback in the
+  user's list): `α` is trained by the regularizer's own AdamW (`alpha_step.AlphaStepper`), once per optimizer step
+  that `Trainer` takes, at the main schedule's factor; `Trainer`'s optimizer and scheduler see model parameters only;
+- `log` / `evaluation_loop` / `prediction_step`: named LBE metrics (`tally.MetricTally`), summed on the device per
+  mode and reduced across processes once per logging window (training) or per `evaluate()` / `predict()` call (with
+  or without labels); the NaN/inf check reads its tally there too, so the training step never synchronizes with the
+  host;
+- `save_model` / `train(resume_from_checkpoint=...)` / `_load_best_model`: `α`, its optimizer state and its schedule
+  factor travel with every checkpoint and the final folder; the model's own files stay plain Transformers files.
 
 What it relies on in `Trainer`, accelerate and torch beyond their public APIs (private attributes, the order of
 hooks) is named in `_compat`, each with a test in `tests/test_compat.py`.
@@ -32,44 +33,46 @@ hooks) is named in `_compat`, each with a test in `tests/test_compat.py`.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import DataCollatorWithFlattening, Seq2SeqTrainer, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithFlattening, Seq2SeqTrainer, Trainer, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from ._compat import deepspeed_loss_scale, grad_scaler_scale, inner_optimizer, lambda_lr_factor
+from .alpha_step import AlphaStepper, adam_implementation
 from .capture import select_capture
 from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields
 from .entropy import batch_entropies, is_measurable
+from .guard import RegularizationGuard
 from .modelcard import MODEL_TAG, SECTION_TITLE, model_card_section
-from .regularizer import REGULARIZER_CONFIG_NAME, BatchEntropyRegularizer, raise_if_nonfinite
+from .regularizer import REGULARIZER_CONFIG_NAME, BatchEntropyRegularizer
+from .tally import MetricTally
 from .tokens import TokenLayout
 
 logger = logging.get_logger(__name__)
 
 __all__ = ["BatchEntropyMixin", "BatchEntropySeq2SeqTrainer", "BatchEntropyTrainer"]
 
-# Metrics summed per logging window that are per optimizer step, like Trainer's "loss"; the others are per measured
-# forward pass (`measured` counts those).
-_PER_STEP = ("task_loss", "lbe_loss")
 
+class _AlphaStepEvents(CallbackHandler):
+    """`Trainer`'s callback handler, which also steps α around each optimizer step (after the user's callbacks) without
+    being a callback itself: `callback_handler.callbacks`, `add/pop/remove_callback` stay the user's."""
 
-class _AlphaStep(TrainerCallback):
-    """Steps the regularizer's optimizer right after each optimizer step of `Trainer`, before the scheduler moves."""
+    _lbe_trainer: BatchEntropyMixin
 
-    def __init__(self, trainer: BatchEntropyMixin):
-        self.trainer = trainer
+    def on_pre_optimizer_step(self, args, state, control):
+        control = super().on_pre_optimizer_step(args, state, control)
+        self._lbe_trainer._unscale_alpha_grad()
+        return control
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._unscale_alpha_grad()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._step_alpha()
+    def on_optimizer_step(self, args, state, control):
+        control = super().on_optimizer_step(args, state, control)
+        self._lbe_trainer._step_alpha()
+        return control
 
 
 class BatchEntropyMixin:
@@ -100,17 +103,15 @@ class BatchEntropyMixin:
         self._tokens: TokenLayout | None = None
         self._layer_names: list[str] = []
         self._resume_from: str | None = None
-        self._lr_peak = 0.0  # the largest model learning rate seen, for α's schedule factor (see `_lr_factor`)
-        # The guard's host-side counts over the logging window (see `_check_window`): micro-batches trained, those that
-        # reached our compute_loss, those regularized, and regularized ones since training started.
-        self._window = {"micro_batches": 0, "ours": 0, "regularized": 0}
-        self._regularized_in_run = 0
-        self._warned_unmeasured = False
+        self._lbe_alpha_step = AlphaStepper()
+        self._lbe_guard = RegularizationGuard()
+        self._lbe_tally = MetricTally(lambda: self.state.global_step)
         self._step_lbe = None  # the LBEOutput of the micro-step in flight, from compute_loss to training_step
-        self._lbe_metrics: dict[str, dict[str, torch.Tensor]] = {}  # mode → name → sum on the device
-        self._window_start: dict[str, int] = {}
         self._warned_batch_of_one = False
-        self.add_callback(_AlphaStep(self))
+        # α steps around the model's optimizer step, through Trainer's events but not as a callback of the user's list.
+        handler = self.callback_handler
+        handler.__class__ = type(f"LBE{type(handler).__name__}", (_AlphaStepEvents, type(handler)), {})
+        handler._lbe_trainer = self
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([MODEL_TAG])
 
@@ -131,13 +132,12 @@ class BatchEntropyMixin:
         self._resume_from = resume_from_checkpoint or None
         if self.regularizer is not None and self._resume_from is not None:
             self._load_regularizer(self._resume_from)
-        self._window = dict.fromkeys(self._window, 0)
-        self._regularized_in_run = 0
+        self._lbe_guard.start_run()
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
         if self.regularizer is None and self._resume_from is not None:
             # A finished run resumed: no step was left to build the regularizer, but its α is the run's.
             self._restore_regularizer(self._resume_from)
-        self._check_window()  # the steps after the last log are a window too
+        self._lbe_guard.check(self.args.lbe_beta, type(self).__name__)  # the steps after the last log are a window too
         self._flush("train")  # the steps after the last log: nothing to report, but a NaN among them is an error
         return output
 
@@ -173,8 +173,8 @@ class BatchEntropyMixin:
         if self._capture is not None:
             self._capture.remove()
         self._capture, self._tokens, self._layer_names, self.regularizer = None, None, [], None
-        self._lbe_metrics, self._window_start = {}, {}
-        self._lr_peak = 0.0
+        self._lbe_tally.discard()
+        self._lbe_alpha_step.reset()
 
     def _select_capture(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
         """Decide, once, where the regularized activations come from, with a no-grad forward of this batch."""
@@ -219,75 +219,21 @@ class BatchEntropyMixin:
             args.lbe_alpha_learning_rate if args.lbe_alpha_learning_rate is not None else args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
-            **self._alpha_optimizer_implementation(),
+            **adam_implementation(self.optimizer),
         )
         self.regularizer = regularizer
         if self._resume_from is not None:
             self._load_regularizer(self._resume_from)
         return regularizer
 
-    def _alpha_optimizer_implementation(self) -> dict[str, Any]:
-        # The model's torch Adam/AdamW implementation (fused, foreach), so that α's updates are bit-identical to those
-        # of an α inside that optimizer (as the paper trains it). For any other optimizer torch's default.
-        optimizer = inner_optimizer(self.optimizer)
-        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            return {key: optimizer.defaults.get(key) for key in ("fused", "foreach")}
-        return {}
-
     def _unscale_alpha_grad(self) -> None:
-        # Trainer's loss scaling (fp16) scaled α's gradient with the model's; the scaler unscales only the model's.
-        grad = self.regularizer.alpha.grad if self.regularizer is not None else None
-        if grad is None:
-            return
-        scaler = self.accelerator.scaler
-        if scaler is not None and scaler.is_enabled():
-            scale = grad_scaler_scale(scaler)  # the scale tensor: dividing by it reads nothing on the host
-            grad.div_(scale.to(grad.device) if isinstance(scale, torch.Tensor) else scale)
-        elif self.is_deepspeed_enabled and self.args.fp16:
-            # DeepSpeed scales the loss inside its engine (fp16 under DeepSpeed is not in the CPU tests).
-            scale = deepspeed_loss_scale(self.model_wrapped)
-            if scale is not None:
-                grad.div_(scale)
+        deepspeed_fp16 = self.is_deepspeed_enabled and self.args.fp16
+        self._lbe_alpha_step.unscale(self.regularizer.alpha.grad if self.regularizer is not None else None,
+                                 self.accelerator.scaler, self.model_wrapped if deepspeed_fp16 else None)
 
     def _step_alpha(self) -> None:
-        if self.regularizer is None:
-            return
-        if self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: Trainer skipped the model's step too
-            self.regularizer.alpha.grad = None
-            return
-        self.regularizer.step(self._lr_factor())
-
-    def _lr_factor(self) -> float:
-        """The main schedule's current factor: α's learning rate is `lbe_alpha_learning_rate` (or `learning_rate`)
-        times it, so warm-up and decay apply to α as to the model. Defined for every scheduler and optimizer:
-
-        - a `LambdaLR` (Trainer's own schedules, `get_scheduler`): exactly its `λ(step)`, the factor the model's step
-          got, as for a parameter group of its own;
-        - a torch scheduler that records the rate it scales (`initial_lr` in the model optimizer's first group): the
-          model's current rate over that one, `lr / initial_lr`;
-        - otherwise (`ReduceLROnPlateau`, `AdafactorSchedule` and Adafactor's relative steps, a user's own scheduler):
-          the model's current rate relative to the largest it has had so far, `lr_t / max_{s≤t} lr_s`. It starts at 1,
-          follows every decay, and is 1 where the model's rate is not a number or has been 0 all along (so α still
-          moves at a rate of its own).
-
-        Never a ratio to `args.learning_rate`, which a user's optimizer need not use.
-        """
-        scheduler = self.lr_scheduler
-        factor = lambda_lr_factor(scheduler)
-        if factor is not None:
-            # Exactly the factor the scheduler applied to the model's step (base · λ), as for a group of its own.
-            return factor
-        group = self.optimizer.param_groups[0]
-        lr = group.get("lr")
-        if not isinstance(lr, (int, float)) and scheduler is not None and hasattr(scheduler, "get_last_lr"):
-            lr = scheduler.get_last_lr()[0]
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr):
-            return 1.0
-        base = group.get("initial_lr")
-        if isinstance(base, (int, float)) and base > 0:
-            return lr / base
-        self._lr_peak = max(self._lr_peak, lr)
-        return lr / self._lr_peak if self._lr_peak > 0 else 1.0
+        self._lbe_alpha_step.step(self.regularizer, self.optimizer, self.lr_scheduler,
+                              skipped=self.accelerator.optimizer_step_was_skipped)
 
     # --- loss --------------------------------------------------------------------------------------------------------
 
@@ -296,7 +242,7 @@ class BatchEntropyMixin:
         if not (training or self.args.lbe_eval_entropy):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if training:
-            self._window["ours"] += 1
+            self._lbe_guard.count("ours")
         if self._capture is None:
             self._select_capture(model, inputs)
         user_wants_hidden_states = bool(inputs.get("output_hidden_states")) or bool(
@@ -331,15 +277,14 @@ class BatchEntropyMixin:
                 activations, fused=self.args.lbe_fused, sync=self.args.lbe_sync_entropy, masks=masks,
                 return_measured=True,
             )
-        self._tally("eval", entropies, measured)
+        self._lbe_tally.add_pass("eval", entropies, measured)
 
     def _regularize(self, activations: list[torch.Tensor], task_loss: torch.Tensor, masks) -> torch.Tensor:
         regularizer = self.regularizer if self.regularizer is not None else self._build_regularizer()
         lbe = regularizer(activations, task_loss, masks)
         self._step_lbe = lbe
-        self._window["regularized"] += 1
-        self._regularized_in_run += 1
-        self._tally("train", lbe.entropies, lbe.measured, lbe_alpha_mean=lbe.targets.mean())
+        self._lbe_guard.count("regularized")
+        self._lbe_tally.add_pass("train", lbe.entropies, lbe.measured, lbe_alpha_mean=lbe.targets.mean())
         return lbe.loss
 
     def _skip_batch_of_one(self, task_loss: torch.Tensor) -> torch.Tensor:
@@ -352,43 +297,15 @@ class BatchEntropyMixin:
         return task_loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        self._window["micro_batches"] += 1
+        self._lbe_guard.count("micro_batches")
         loss = super().training_step(model, inputs, num_items_in_batch)
         # `loss` is what Trainer adds to its logged "loss" (scaled for gradient accumulation as Trainer scales it):
         # split it into the task part and the LBE part in the same proportion, so that loss = task_loss + lbe_loss.
         lbe, self._step_lbe = self._step_lbe, None
         total = loss.float()
         task = total if lbe is None else total * torch.where(lbe.loss != 0, lbe.task_loss / lbe.loss, 1.0).float()
-        self._add("train", task_loss=task, lbe_loss=total - task)
+        self._lbe_tally.add("train", task_loss=task, lbe_loss=total - task)
         return loss
-
-    def _check_window(self) -> None:
-        """The guard against a silent run without LBE: with `lbe_beta > 0`, a logging window of training steps none of
-        which was regularized is an error naming the cause. Host-side counts only (nothing read on the device).
-
-        A window of one micro-batch that is a batch of one, after regularized ones (the last batch of an epoch, logged
-        on its own), is not an error: that batch trains on the task loss with one warning.
-        """
-        window, self._window = self._window, dict.fromkeys(self._window, 0)
-        if self.args.lbe_beta == 0 or window["micro_batches"] == 0 or window["regularized"] > 0:
-            return
-        if window["micro_batches"] == 1 and self._regularized_in_run > 0:
-            return
-        steps = f"{window['micro_batches']} training batch(es) since the last log"
-        if window["ours"] == 0:
-            raise RuntimeError(
-                f"LBE regularized none of the {steps}: {type(self).__name__}.compute_loss never reached "
-                "BatchEntropyMixin.compute_loss, so the loss has no LBE term (lbe_beta="
-                f"{self.args.lbe_beta}). A subclass that overrides compute_loss must call super().compute_loss(...) "
-                "(for a custom loss, pass compute_loss_func= to the trainer instead); or set lbe_beta=0."
-            )
-        raise RuntimeError(
-            f"LBE regularized none of the {steps}: each held a single sequence along the batch dimension, which has no "
-            "batch-entropy. Either per_device_train_batch_size is 1 (use 2 or more, or lbe_sync_entropy with several "
-            "processes), or the batches are packed/padding-free without sequence boundaries LBE can read (it needs "
-            "cu_seq_lens_q, seq_idx or position_ids in the batch, as TRL's packing and DataCollatorWithFlattening "
-            "give), or each packed row holds one sequence."
-        )
 
     # --- prediction without labels ----------------------------------------------------------------------------------
 
@@ -449,107 +366,25 @@ class BatchEntropyMixin:
 
     # --- metrics -----------------------------------------------------------------------------------------------------
 
-    def _add(self, mode: str, **values: torch.Tensor) -> None:
-        """Add named values to this mode's tally (sums on the device, nothing read on the host)."""
-        tally = self._lbe_metrics.get(mode)
-        if tally is None:
-            tally = self._lbe_metrics[mode] = {}
-            self._window_start[mode] = self.state.global_step
-        for name, value in values.items():
-            value = value.detach().float()
-            tally[name] = tally[name] + value if name in tally else value.clone()
-
-    def _tally(
-        self, mode: str, entropies: torch.Tensor, measured: torch.Tensor | None = None, **extra: torch.Tensor
-    ) -> None:
-        """The metrics of one forward pass: entropy mean/min over the measured layers, per-layer values and counts,
-        NaN/inf count. `measured` `(L,)` bool says which layers had a batch-entropy (`None`: all); a pass without any
-        counts in `passes` but not in `measured`, so that the means are over the passes that measured something."""
-        ones = torch.ones((), device=entropies.device)
-        if measured is None:
-            mean, low, any_measured = entropies.mean(), entropies.min(), ones
-            layers, per_layer = torch.ones_like(entropies), entropies
-        else:
-            weight = measured.to(entropies.dtype)
-            any_measured = measured.any().to(entropies.dtype)
-            mean = (entropies * weight).sum() / weight.sum().clamp_min(1)
-            low = torch.where(measured, entropies, torch.inf).min().nan_to_num(posinf=0.0)
-            layers, per_layer = weight, entropies * weight
-        self._add(
-            mode,
-            passes=ones,
-            measured=any_measured,
-            batch_entropy_mean=mean,
-            batch_entropy_min=low,
-            batch_entropy_per_layer=per_layer,
-            layers_measured=layers,
-            nonfinite=(~torch.isfinite(entropies)).float(),
-            **extra,
-        )
-
-    def _flush(self, mode: str) -> dict[str, Any]:
-        """This mode's tally summed across processes (one reduce), then forgotten; raises on NaN/inf entropies.
-
-        Returns the means: entropy metrics per measured forward pass, `_PER_STEP` ones per process (divide by the
-        window's optimizer steps), `batch_entropy_per_layer` as a list. Empty when nothing was tallied.
-        """
-        tally = self._lbe_metrics.pop(mode, None)
-        if not tally:
-            return {}
-        names = list(tally)
-        flat = torch.cat([tally[name].reshape(-1) for name in names])
-        if self.accelerator.num_processes > 1:
-            flat = self.accelerator.reduce(flat, reduction="sum")
-        values, offset, listed = {}, 0, flat.tolist()
-        for name in names:
-            size = tally[name].numel()
-            values[name] = listed[offset] if tally[name].dim() == 0 else listed[offset : offset + size]
-            offset += size
-        if "nonfinite" in values:
-            raise_if_nonfinite(torch.tensor(values.pop("nonfinite")), self._layer_names)
-        measured = values.pop("measured", 0.0)
-        passes = values.pop("passes", 0.0)
-        layers = values.pop("layers_measured", None)
-        if passes > measured and not self._warned_unmeasured:
-            logger.warning(
-                f"{int(passes - measured)} batch(es) had no position where two sequences hold a real token (e.g. all "
-                "but one example empty): they have no batch-entropy and trained on the task loss alone. Said once."
-            )
-            self._warned_unmeasured = True
-        means = {}
-        for name, value in values.items():
-            if name in _PER_STEP:
-                means[name] = value / self.accelerator.num_processes
-            elif name == "batch_entropy_per_layer" and layers is not None:
-                means[name] = [v / n if n else float("nan") for v, n in zip(value, layers)]
-            elif measured:
-                means[name] = [v / measured for v in value] if isinstance(value, list) else value / measured
-        return means
-
-    def _entropy_logs(self, means: dict[str, Any], prefix: str = "") -> dict[str, float]:
-        logs = {f"{prefix}{name}": value for name, value in means.items() if name != "batch_entropy_per_layer"}
-        if self.args.lbe_log_per_layer and "batch_entropy_per_layer" in means:
-            logs.update((f"{prefix}batch_entropy/layer_{i}", v) for i, v in enumerate(means["batch_entropy_per_layer"]))
-        return logs
+    def _flush(self, mode: str, steps: int = 1) -> dict[str, Any]:
+        """This mode's tally, reduced across processes and read (see `MetricTally.flush`)."""
+        return self._lbe_tally.flush(mode, self._layer_names, lambda flat: self.accelerator.reduce(flat, reduction="sum"),
+                                   self.accelerator.num_processes, steps)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: Trainer's "loss" is averaged over the same window
-            steps = max(1, self.state.global_step - self._window_start.get("train", self.state.global_step))
-            self._check_window()
-            means = self._flush("train")
-            for name in _PER_STEP:
-                if name in means:
-                    means[name] /= steps
-            logs.update(self._entropy_logs(means))
+            steps = max(1, self.state.global_step - self._lbe_tally.window_start("train"))
+            self._lbe_guard.check(self.args.lbe_beta, type(self).__name__)
+            logs.update(MetricTally.logs(self._flush("train", steps), per_layer=self.args.lbe_log_per_layer))
         super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
         """`Trainer.evaluation_loop`, plus the batch-entropies of this call (`lbe_eval_entropy`) in its metrics as
         `<metric_key_prefix>_batch_entropy_mean/min`. Each `evaluate()` / `predict()` call has a tally of its own."""
-        self._lbe_metrics.pop("eval", None)
+        self._lbe_tally.discard("eval")
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        output.metrics.update(self._entropy_logs(self._flush("eval"), prefix=f"{metric_key_prefix}_"))
+        output.metrics.update(MetricTally.logs(self._flush("eval"), f"{metric_key_prefix}_", self.args.lbe_log_per_layer))
         return output
 
     # --- checkpoints and the Hub -------------------------------------------------------------------------------------

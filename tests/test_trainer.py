@@ -302,67 +302,6 @@ def test_bad_config_values_are_clear_errors(tmp_path):
 # --- drop-in: every Trainer path ----------------------------------------------------------------------------------
 
 
-def test_user_optimizer_and_scheduler_see_only_model_parameters(tmp_path):
-    model = tiny_bert()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
-    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha_learning_rate=0.1)
-    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(), optimizers=(optimizer, scheduler))
-    trainer.train()
-    assert [len(g["params"]) for g in optimizer.param_groups] == [len(list(model.parameters()))]
-    # α followed the user's schedule: its last step ran at 0.1 · 0.5³ (steps 0…3).
-    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
-    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 4
-
-
-@pytest.mark.parametrize("how", ["optim", "optimizer_cls_and_kwargs"])
-def test_other_optimizers_train_alpha_with_adamw(tmp_path, how):
-    extra = {"optim": "sgd"} if how == "optim" else {}
-    kwargs = {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 1e-2})} if how != "optim" else {}
-    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05, **extra)
-    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(), **kwargs)
-    trainer.train()
-    assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
-    assert isinstance(trainer.regularizer.optimizer, torch.optim.AdamW)
-    assert (trainer.regularizer.alpha.detach() < 2.0).all()
-
-
-def test_alpha_uses_the_model_optimizers_adam_implementation_and_schedule(tmp_path):
-    args = make_args(tmp_path, lbe_beta=0.5, optim="adamw_torch_fused", warmup_steps=2, adam_beta2=0.98, adam_epsilon=1e-7)
-    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
-    trainer.train()
-    group = trainer.regularizer.optimizer.param_groups[0]
-    assert trainer.regularizer.optimizer.defaults["fused"] is True
-    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-7
-    # Linear warm-up over 2 steps then decay to 0 at step 4: the last step (3) ran at lr · (4 − 3) / (4 − 2).
-    assert group["lr"] == pytest.approx(1e-3 * 0.5)
-
-
-def test_alpha_steps_once_per_optimizer_step_and_not_on_a_skipped_one(tmp_path, monkeypatch):
-    args = make_args(tmp_path, lbe_beta=0.5, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=4)
-    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
-    skipped = {2}  # the third optimizer step overflows, as an fp16 step can
-
-    class Accelerator(type(trainer.accelerator)):
-        @property
-        def optimizer_step_was_skipped(self):
-            return trainer.state.global_step in skipped
-
-    monkeypatch.setattr(trainer.accelerator, "__class__", Accelerator)
-    alphas = []
-
-    class Record(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            alphas.append(trainer.regularizer.alpha.detach().clone())
-            assert trainer.regularizer.alpha.grad is None  # cleared after each step, skipped or not
-
-    trainer.add_callback(Record())
-    trainer.train()
-    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 3
-    torch.testing.assert_close(alphas[2], alphas[1], rtol=0, atol=0)
-    assert not torch.equal(alphas[1], alphas[0]) and not torch.equal(alphas[3], alphas[2])
-
-
 def test_plain_trainer_checkpoint_continues_with_lbe(tmp_path, caplog):
     ds = token_dataset()
     common = dict(max_steps=4, save_strategy="steps", save_steps=2)
@@ -735,47 +674,6 @@ def test_checkpointed_lbe_gradient_is_the_non_checkpointed_one(tmp_path, source,
         trainer.compute_loss(model, batch).backward()
         grads[checkpointed] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert_same_params(grads[True], grads[False], rtol=1e-5, atol=1e-7)
-
-
-def test_alpha_rate_with_a_user_optimizer_and_plateau_schedule_is_its_own(tmp_path):
-    """α's factor follows the model optimizer's relative change (1 here), never lr / args.learning_rate (×200)."""
-    model = tiny_bert()
-    args = make_args(tmp_path, lbe_beta=0.5, learning_rate=5e-5, lbe_alpha_learning_rate=1e-3,
-                     lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=2)
-    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(), eval_dataset=token_dataset(n=8),
-                                  optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-2), None))
-    trainer.train()
-    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
-    # After the plateau scheduler halves the model's rate, α's rate is halved too.
-    trainer.optimizer.param_groups[0]["lr"] = 5e-3
-    assert trainer._lr_factor() == pytest.approx(0.5)
-
-
-def test_alpha_moves_with_adafactors_relative_steps(tmp_path):
-    from transformers.optimization import Adafactor, AdafactorSchedule
-
-    model = tiny_bert()
-    optimizer = Adafactor(model.parameters(), lr=None, relative_step=True, warmup_init=True, scale_parameter=True)
-    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05)
-    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(),
-                                  optimizers=(optimizer, AdafactorSchedule(optimizer)))
-    trainer.train()
-    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # warming up: factor 1
-    assert (trainer.regularizer.alpha.detach() < 2.0 - 0.05).all()  # α moved at its own rate (4 steps of ~0.05)
-
-
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
-def test_lr_factor_is_lambda_or_initial_lr_ratio_for_torch_schedulers(tmp_path):
-    model = tiny_bert()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.25, total_iters=4)
-    trainer = BatchEntropyTrainer(model=model, args=make_args(tmp_path), train_dataset=token_dataset(),
-                                  optimizers=(optimizer, scheduler))
-    trainer.create_optimizer_and_scheduler(num_training_steps=4)
-    assert trainer._lr_factor() == pytest.approx(0.25)  # the warm-up's own factor, as λ for LambdaLR
-    scheduler.step()
-    assert trainer._lr_factor() == pytest.approx(0.25 + 0.75 / 4)
 
 
 def test_resume_true_without_a_checkpoint_raises_like_trainer(tmp_path):
