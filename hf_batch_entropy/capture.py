@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compat import CONV_LAYERS
 from .config import REGEX_PREFIX, TargetModules
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def default_target_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     named = [(n, m) for n, m in model.named_modules() if n]
     chosen = [(n, m) for n, m in named if _is_activation_module(m)]
     if not chosen:
-        chosen = [(n, m) for n, m in named if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+        chosen = [(n, m) for n, m in named if isinstance(m, (nn.Linear, CONV_LAYERS))]
     return chosen
 
 

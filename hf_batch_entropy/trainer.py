@@ -38,11 +38,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import DataCollatorWithFlattening, Seq2SeqTrainer, Trainer, TrainingArguments
+from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from ._compat import model_card_path, packs_sequences, prediction_uses_compute_loss, prepare_inputs
 from .alpha_step import AlphaStepper, adam_implementation
 from .capture import select_capture
 from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields
@@ -150,16 +151,8 @@ class BatchEntropyMixin:
         self._layer_names = list(BatchEntropyRegularizer.read_settings(checkpoint)["layer_names"])
         self._build_regularizer()
 
-    def _packs_sequences(self) -> bool:
-        """Whether the batches concatenate several sequences into one row (packing, padding-free), so that a batch
-        size of one can still hold several sequences."""
-        return bool(
-            getattr(self.args, "packing", False) or getattr(self.args, "padding_free", False)
-            or getattr(self, "padding_free", False) or isinstance(self.data_collator, DataCollatorWithFlattening)
-        )
-
     def _check_batch_size(self) -> None:
-        if self._packs_sequences():
+        if packs_sequences(self):
             return  # one packed row holds several sequences; the guard catches a run where none had two
         if not is_measurable(self.args.train_batch_size, self.args.lbe_sync_entropy):
             raise ValueError(
@@ -313,28 +306,15 @@ class BatchEntropyMixin:
         """`Trainer.prediction_step`; with `lbe_eval_entropy`, a batch that `Trainer` runs through the model directly
         (no labels, so no `compute_loss`) is measured too, by hooks around that forward: the outputs it returns are
         those it would return without LBE."""
-        if not self.args.lbe_eval_entropy or self._prediction_computes_loss(inputs, prediction_loss_only):
+        mro = type(self).__mro__
+        base = next(c for c in mro[mro.index(BatchEntropyMixin) + 1 :] if "prediction_step" in vars(c))
+        if not self.args.lbe_eval_entropy or prediction_uses_compute_loss(self, inputs, prediction_loss_only, base):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        inputs = self._prepare_inputs(inputs)
+        inputs = prepare_inputs(self, inputs)
         if self._capture is None:
             self._select_capture(model, inputs)
         with self._measuring_forward(model, inputs):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
-    def _prediction_computes_loss(self, inputs: dict[str, Any], prediction_loss_only: bool) -> bool:
-        """Whether `prediction_step` goes through `compute_loss` (measured there), or generates (not measured), as
-        `Trainer.prediction_step` and `Seq2SeqTrainer.prediction_step` decide."""
-        if getattr(self.args, "predict_with_generate", False) and not prediction_loss_only:
-            return True  # generation: its forwards are decoding steps, not batches of sequences
-        mro = type(self).__mro__
-        base = next(c for c in mro[mro.index(BatchEntropyMixin) + 1 :] if "prediction_step" in vars(c))
-        if base not in (Trainer, Seq2SeqTrainer):
-            return True  # a base trainer's own prediction_step (TRL's calls compute_loss for every batch)
-        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
-        return_loss = inputs.get("return_loss")
-        if return_loss is None:
-            return_loss = self.can_return_loss
-        return has_labels or (not self.label_names and bool(return_loss))
 
     @contextlib.contextmanager
     def _measuring_forward(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Iterator[None]:
@@ -417,7 +397,7 @@ class BatchEntropyMixin:
         super().create_model_card(*args, tags=tags, **kwargs)
         if not self.is_world_process_zero():
             return
-        path = os.path.join(self.args.output_dir, "README.md")
+        path = model_card_path(self.args.output_dir)
         with open(path, encoding="utf-8") as f:
             card = f.read()
         if SECTION_TITLE not in card:
