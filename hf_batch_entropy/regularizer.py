@@ -330,9 +330,10 @@ class BatchEntropyRegularizer(nn.Module):
                                      "eps": group["eps"]}
         return settings
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, schedule: dict[str, float] | None = None) -> None:
         """Write `α` and its AdamW state (safetensors) and the settings (JSON) into `save_directory`, beside the
-        model's own files."""
+        model's own files. `schedule`: the state of the schedule that scales α's rate (the trainer's
+        `ScheduleFactor.state_dict()`), saved with the optimizer's settings (`read_schedule` reads it back)."""
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
@@ -342,8 +343,11 @@ class BatchEntropyRegularizer(nn.Module):
             if name in state:
                 tensors[f"optimizer.{name}"] = torch.as_tensor(state[name]).detach().cpu().contiguous()
         save_file(tensors, os.path.join(save_directory, REGULARIZER_WEIGHTS_NAME))
+        settings = self.settings()
+        if schedule and "optimizer" in settings:
+            settings["optimizer"]["schedule"] = dict(schedule)
         with open(os.path.join(save_directory, REGULARIZER_CONFIG_NAME), "w") as f:
-            json.dump(self.settings(), f, indent=2)
+            json.dump(settings, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> BatchEntropyRegularizer:
@@ -369,6 +373,11 @@ class BatchEntropyRegularizer(nn.Module):
         with open(path) as f:
             settings = json.load(f)
         return {_LEGACY_KEYS.get(key, key): value for key, value in settings.items()}
+
+    @classmethod
+    def read_schedule(cls, directory: str | os.PathLike) -> dict[str, float]:
+        """The schedule state `save_pretrained(..., schedule=...)` wrote into `directory` (`{}` where none was)."""
+        return dict((cls.read_settings(directory).get("optimizer") or {}).get("schedule") or {})
 
     def load_state(self, directory: str | os.PathLike) -> None:
         """Copy the saved `α` into this regularizer's parameter, in place, and its AdamW state into the optimizer

@@ -372,7 +372,8 @@ class BatchEntropyMixin:
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.regularizer is not None and self.args.should_save:
-            self.regularizer.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+            self.regularizer.save_pretrained(output_dir if output_dir is not None else self.args.output_dir,
+                                             schedule=self._lbe_alpha_step.factor.state_dict())
 
     def _load_best_model(self) -> None:
         super()._load_best_model()
@@ -387,6 +388,7 @@ class BatchEntropyMixin:
             )
         else:
             self.regularizer.load_state(checkpoint)
+            self._lbe_alpha_step.factor.load_state_dict(BatchEntropyRegularizer.read_schedule(checkpoint))
         self._resume_from = None
 
     def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:

@@ -202,3 +202,40 @@ def test_lr_factor_is_lambda_or_initial_lr_ratio_for_torch_schedulers(tmp_path):
     assert lr_factor(trainer) == pytest.approx(0.25)  # the warm-up's own factor, as λ for LambdaLR
     scheduler.step()
     assert lr_factor(trainer) == pytest.approx(0.25 + 0.75 / 4)
+
+
+def test_a_resumed_run_continues_with_the_same_schedule_factor(tmp_path):
+    """With a schedule whose factor is relative to the largest rate seen (a plateau schedule here: the model's rate is
+    halved from step 3 on), that largest rate travels with the checkpoint: the run resumed at step 3 steps α at the
+    same factor (0.5) as the uninterrupted run, not at 1, and ends with the same α."""
+
+    class HalveFromStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            if state.global_step >= 3:
+                optimizer.param_groups[0]["lr"] = 5e-3
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    def run(folder, seed, *callbacks, resume=None):
+        model = tiny_bert(seed=seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        args = make_args(tmp_path / folder, lbe_beta=0.5, lbe_alpha_learning_rate=0.05, max_steps=6,
+                         save_strategy="steps", save_steps=3)
+        trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(),
+                                      optimizers=(optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)),
+                                      callbacks=[HalveFromStep3(), *callbacks])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run("full", 0)
+    assert full._lbe_alpha_step.factor.peak == 1e-2
+    assert full.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)
+    run("cut", 0, Interrupt())
+    checkpoint = tmp_path / "cut" / "out" / "checkpoint-3"
+    assert BatchEntropyRegularizer.read_schedule(checkpoint) == {"peak_lr": 1e-2}
+    resumed = run("cut", 123, resume=str(checkpoint))
+    assert resumed._lbe_alpha_step.factor.peak == 1e-2
+    assert resumed.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)
+    torch.testing.assert_close(resumed.regularizer.alpha, full.regularizer.alpha, rtol=0, atol=1e-7)
