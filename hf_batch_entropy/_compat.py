@@ -48,6 +48,10 @@ Implicit contracts of `Trainer` (no function; each has its test):
 - (g) `Trainer` sends every event through `self.callback_handler`, a `CallbackHandler` whose methods (`on_*`) call the
   callbacks in its `callbacks` list; the mixin gives that one handler object a subclass with its own reactions to two
   events, so that α's step is not a callback in the user's list.
+- (h) `Trainer._clip_grad_norm(model)`: with `max_grad_norm > 0`, `Trainer` clips through this one method, once per
+  optimizer step and before `on_pre_optimizer_step`, and logs what it returns as `grad_norm`. The repository's
+  frontier experiment (`experiments/frontier/runs.py`, not part of the package) overrides it with a faster clip that
+  gives the same gradients bit for bit.
 """
 
 from __future__ import annotations

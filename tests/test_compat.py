@@ -304,3 +304,41 @@ def test_trainer_writes_its_model_card_where_model_card_path_says(tmp_path):
     trainer.create_model_card(model_name="tiny")
     path = _compat.model_card_path(trainer.args.output_dir)
     assert os.path.isfile(path) and "tiny" in open(path, encoding="utf-8").read()
+
+
+def test_h_clip_grad_norm_is_called_once_per_step_before_the_optimizer_events_and_logged(tmp_path):
+    order = []
+
+    class Recording(Trainer):
+        def _clip_grad_norm(self, model):
+            order.append("clip")
+            assert model is self.model_wrapped
+            super()._clip_grad_norm(model)
+            return torch.tensor(123.0)
+
+    class Spy(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            order.append("pre")
+
+    trainer = plain_trainer(tmp_path, Recording, max_steps=2, logging_steps=1, max_grad_norm=1.0)
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert order == ["clip", "pre", "clip", "pre"]
+    assert [h["grad_norm"] for h in trainer.state.log_history if "loss" in h] == [123.0, 123.0]
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3], ids=["clipped", "below-the-limit"])
+def test_h_the_frontiers_clip_gives_trainers_gradients_and_norm(tmp_path, max_grad_norm):
+    frontier = pytest.importorskip("experiments.frontier.runs")
+    trainer = frontier.VanillaTrainer(model=TinyMLP(), args=make_args(tmp_path, max_grad_norm=max_grad_norm))
+    assert "_clip_grad_norm" in vars(frontier.VanillaTrainer) and hasattr(Trainer, "_clip_grad_norm")
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in trainer.model.parameters()]
+    norms = {}
+    for name, clip in (("trainer", Trainer._clip_grad_norm), ("frontier", frontier.VanillaTrainer._clip_grad_norm)):
+        for p, g in zip(trainer.model.parameters(), grads):
+            p.grad = g.clone()
+        trainer._clip_parameters = None
+        norms[name] = (clip(trainer, trainer.model), [p.grad.clone() for p in trainer.model.parameters()])
+    assert torch.equal(norms["trainer"][0], norms["frontier"][0])
+    assert all(torch.equal(a, b) for a, b in zip(norms["trainer"][1], norms["frontier"][1]))
