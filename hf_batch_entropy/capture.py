@@ -185,29 +185,45 @@ class _ForwardWatch:
     with gradients (a training step: a reference, KL or metrics forward under `no_grad`, before or after it, is not
     it), else the first call. Calls of `model` inside its own forward belong to the outer one. `nn.DataParallel`'s
     replicas share `model`'s hooks but are other objects: they are not tracked (`state()` is `None` there, as outside
-    any forward), only handed to `inject`.
+    any forward).
+
+    `inner` is the module whose outputs hold the hidden states (the backbone; `model` itself where it has none): the
+    keywords of its first call inside the measured forward are kept too (`inputs_seen`), and `inject` may add to them.
+    A trainer may call the backbone with keywords of its own (TRL's fused LM head, its distillation), or call the
+    model with no keywords at all (a forward redirected through a wrapper).
 
     Args:
         model: the module whose calls are the forwards (the unwrapped model).
-        inject: optional `(args, kwargs) -> kwargs` applied to the measured forward's (and replicas') keywords.
+        inner: the backbone (default `model`).
+        inject: optional `(args, kwargs) -> kwargs` applied to `inner`'s keywords in the measured forward (and in
+            forwards not tracked: replicas).
     """
 
-    def __init__(self, model: nn.Module, inject: Callable[[tuple, dict[str, Any]], dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        inner: nn.Module | None = None,
+        inject: Callable[[tuple, dict[str, Any]], dict[str, Any]] | None = None,
+    ):
         self.model = model
+        self.inner = inner if inner is not None else model
         self.inject = inject
         self.inputs: dict[str, Any] | None = None
+        self.inner_inputs: dict[str, Any] | None = None
         self._active = self._grad = self._current = self._done = False
         self._depth = 0
         self._handles = [
             model.register_forward_pre_hook(self._enter, with_kwargs=True),
             model.register_forward_hook(self._leave, always_call=True),
         ]
+        if self.inner is not model:
+            self._handles.append(self.inner.register_forward_pre_hook(self._enter_inner, with_kwargs=True))
 
     def begin(self, grad_enabled: bool) -> None:
         self._active, self._grad = True, grad_enabled
         self._current = self._done = False
         self._depth = 0
-        self.inputs = None
+        self.inputs = self.inner_inputs = None
 
     def end(self) -> None:
         self._active = False
@@ -226,17 +242,26 @@ class _ForwardWatch:
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
         if not self._active:
             return None
-        if module is not self.model:  # a replica of nn.DataParallel: the batch went through the trainer, not here
-            return (args, self.inject(args, kwargs)) if self.inject is not None else None
+        if module is not self.model:  # a replica of nn.DataParallel: not tracked
+            return self._inner_call(args, kwargs) if self.inner is self.model else None
         self._depth += 1
-        if self._depth > 1:
-            return None
-        self._current = not self._done and (torch.is_grad_enabled() or not self._grad)
-        if not self._current:
-            return None
+        if self._depth == 1:
+            self._current = not self._done and (torch.is_grad_enabled() or not self._grad)
+            if self._current:
+                self.inputs = dict(kwargs)
+        return self._inner_call(args, kwargs) if self.inner is self.model else None
+
+    def _enter_inner(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        return self._inner_call(args, kwargs) if self._active else None
+
+    def _inner_call(self, args: tuple, kwargs: dict[str, Any]):
+        state = self.state()
+        if state is False or (state is True and self.inner_inputs is not None):
+            return None  # another forward, or a second call of the backbone inside the measured one
         if self.inject is not None:
             kwargs = self.inject(args, kwargs)
-        self.inputs = dict(kwargs)
+        if state is True:
+            self.inner_inputs = dict(kwargs)
         return args, kwargs
 
     def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
@@ -247,7 +272,10 @@ class _ForwardWatch:
             self._current, self._done = False, True
 
     def inputs_seen(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return batch if self.inputs is None else {**batch, **self.inputs}
+        """`batch` updated with the keywords of the measured forward, then with those its backbone got."""
+        if self.inputs is None and self.inner_inputs is None:
+            return batch
+        return {**batch, **(self.inputs or {}), **(self.inner_inputs or {})}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -283,13 +311,18 @@ class HiddenStatesCapture:
         self._recorded: list[tuple[str, Any]] | None = None
         self._recorded_measured = False
         self._warned_missing: set[str] = set()
-        # Where `output_hidden_states` / `return_dict` would be passed positionally: not injected as keywords there.
-        params = [p for p in _forward_parameters(model).values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD] \
-            if model is not None else []
-        self._positions = {p.name: i for i, p in enumerate(params) if p.name in ("output_hidden_states", "return_dict")}
         # The recording hooks first: on the model itself they must run before the watch's hook ends its forward.
-        self._handles = [module.register_forward_hook(self._record) for module in _models_returning_states(model)]
-        self._watch = _ForwardWatch(model, inject=self._inject) if model is not None else None
+        chain = _models_returning_states(model)
+        self._handles = [module.register_forward_hook(self._record) for module in chain]
+        self._watch = None
+        if model is not None:
+            backbone = chain[-1]
+            # Where `output_hidden_states` would be passed positionally, it is not added as a keyword.
+            params = [p.name for p in _forward_parameters(backbone).values()
+                      if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+            self._position = params.index("output_hidden_states") if "output_hidden_states" in params else None
+            inject = self._inject if _accepts(backbone, "output_hidden_states") else None
+            self._watch = _ForwardWatch(model, inner=backbone, inject=inject)
 
     def _record(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._active or self._recorded is not None:
@@ -301,15 +334,11 @@ class HiddenStatesCapture:
         self._recorded_measured = state is True
 
     def _inject(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Ask the measured forward for its hidden states where its caller did not (it built its own keywords)."""
-        if "output_hidden_states" in kwargs or len(args) > self._positions.get("output_hidden_states", len(args)):
+        """Ask the measured forward's backbone for its hidden states where its caller did not (it built its own
+        keywords: TRL's GRPO, RLOO and distillation)."""
+        if kwargs.get("output_hidden_states") or (self._position is not None and len(args) > self._position):
             return kwargs
-        kwargs = {**kwargs, "output_hidden_states": True}
-        if self._force_dict and len(args) <= self._positions.get("return_dict", len(args)):
-            asked = kwargs.get("return_dict")
-            self._wants_tuple = asked is False or (asked is None and self._config_wants_tuple)
-            kwargs["return_dict"] = True
-        return kwargs
+        return {**kwargs, "output_hidden_states": True}
 
     def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The batch to hand to the forward (or to the trainer that runs it): a new dict, asking for the hidden states
@@ -430,7 +459,7 @@ class ForwardHookCapture:
         self._block = False  # a capturing() block ran since the last collect
         self._error: Exception | None = None  # found while recording, raised by collect
         self._grad_enabled = False  # whether the forward inside `capturing()` computes gradients
-        self._watch = _ForwardWatch(model) if model is not None else None
+        self._watch = _ForwardWatch(model, inner=_models_returning_states(model)[-1]) if model is not None else None
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules]
 
     def _hook(self, name: str):
