@@ -11,7 +11,8 @@ It only glues the pieces into `Trainer`'s hooks:
 - `compute_loss`: the task loss as `Trainer` computes it (label smoothing, `compute_loss_func`, `num_items_in_batch`
   included), captured activations → the batch's sequences and real tokens (`tokens.TokenLayout`: padded, packed or
   with virtual tokens) → entropies → `L_task · (1 + β·mean_l lbe_l)`. The first call chooses where the activations
-  come from (`capture.select_capture`, on a no-grad probe of that batch, RNG untouched); the first training call
+  come from (`capture.select_capture`, at the first forward the trainer runs, never a forward of its own); the
+  forward measured is the one with gradients, masked with the inputs it got; the first training call
   builds the `BatchEntropyRegularizer`, by then on the model's device and after any wrapping (DDP, FSDP2,
   DeepSpeed), whoever built the optimizer;
 - `training_step` / `log`: the guard (`guard.RegularizationGuard`): with `lbe_beta > 0`, a logging window without
@@ -33,12 +34,13 @@ hooks) is named in `_compat`, each with a test in `tests/test_compat.py`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import Seq2SeqTrainer, Trainer, TrainingArguments
+from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
@@ -76,6 +78,29 @@ class _AlphaStepEvents(CallbackHandler):
         return control
 
 
+def _with_lbe_args(
+    base_init: Any, pos_args: tuple, kwargs: dict[str, Any], default_class: type | None
+) -> tuple[tuple, dict[str, Any]]:
+    """The base trainer's constructor arguments with its `args` upgraded to carry the `lbe_*` fields (or, where none
+    was given and the trainer has one, `default_class(output_dir="trainer_output")`), in the same position or keyword.
+
+    Where `base_init` takes no `args` parameter, or the arguments do not bind to its signature, they are returned
+    unchanged: the base constructor reports its own error, and the arguments it builds are upgraded after it."""
+    try:
+        signature = inspect.signature(base_init)
+        bound = signature.bind_partial(*pos_args, **kwargs)
+    except (TypeError, ValueError):
+        return pos_args, kwargs
+    if "args" not in signature.parameters:
+        return pos_args, kwargs
+    value = bound.arguments.get("args")
+    if value is None and default_class is not None:
+        bound.arguments["args"] = default_class(output_dir="trainer_output")
+    elif value is not None:
+        bound.arguments["args"] = with_batch_entropy_fields(value)
+    return bound.args, bound.kwargs
+
+
 class BatchEntropyMixin:
     """Adds layerwise batch-entropy regularization (LBE) to the training loss of the `Trainer` subclass it is mixed
     into (list it first: `class T(BatchEntropyMixin, SomeTrainer)`).
@@ -91,12 +116,11 @@ class BatchEntropyMixin:
 
     _default_args_class: type | None = None  # what `args=None` becomes; None: the base trainer's default, upgraded
 
-    def __init__(self, model=None, args: TrainingArguments | None = None, *pos_args, **kwargs):
-        if args is None and self._default_args_class is not None:
-            args = self._default_args_class(output_dir="trainer_output")
-        elif args is not None:
-            args = with_batch_entropy_fields(args)
-        super().__init__(model, args, *pos_args, **kwargs)
+    def __init__(self, *pos_args, **kwargs):
+        # The base trainer's own signature decides where `args` is (`Trainer(model, args, ...)`, but
+        # `DPOTrainer(model, ref_model, args, ...)`, `GRPOTrainer(model, reward_funcs, args, ...)`).
+        pos_args, kwargs = _with_lbe_args(super().__init__, pos_args, kwargs, self._default_args_class)
+        super().__init__(*pos_args, **kwargs)
         if not hasattr(self.args, "lbe_beta"):
             self.args = with_batch_entropy_fields(self.args)
         self.regularizer: BatchEntropyRegularizer | None = None
@@ -169,25 +193,23 @@ class BatchEntropyMixin:
         self._lbe_tally.discard()
         self._lbe_alpha_step.reset()
 
-    def _select_capture(self, model: torch.nn.Module, inputs: dict[str, Any]) -> None:
-        """Decide, once, where the regularized activations come from, with a no-grad forward of this batch."""
+    def _select_capture(self, model: torch.nn.Module) -> None:
+        """Decide where the regularized activations come from (`capture.select_capture`: from the model, and where
+        that needs a forward, at the first one the trainer runs; never a forward of its own)."""
         unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
-        devices = [self.args.device] if self.args.device.type == "cuda" else []
-
-        def probe(capture):
-            was_training = model.training
-            # Eval mode, no gradients, forked RNG: the run is the same as without the probe (β = 0 stays Trainer).
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                model.eval()
-                try:
-                    with capture.capturing():
-                        outputs = model(**capture.prepare_inputs(inputs))
-                    return capture.collect(outputs)
-                finally:
-                    model.train(was_training)
-
-        self._capture, _, names = select_capture(unwrapped, self.args.lbe_target_modules, probe)
+        self._capture = select_capture(unwrapped, self.args.lbe_target_modules)
         self._tokens = TokenLayout(unwrapped)
+        self._layer_names = []
+
+    def _collect(self, outputs: Any, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The activations of the forward just captured, as sequences with their masks (`TokenLayout.views`, on the
+        inputs that forward got); the first one fixes the layer names."""
+        activations, names = self._capture.collect(outputs)
+        if not self._layer_names and names:
+            self._set_layer_names(names)
+        return self._tokens.views(self._capture.inputs_seen(inputs), activations, names, self.args.lbe_ignore_padding)
+
+    def _set_layer_names(self, names: list[str]) -> None:
         if self.args.lbe_beta > 0:
             logger.info(f"LBE regularizes these {len(names)} layers (lbe_beta={self.args.lbe_beta}).")
         else:
@@ -237,7 +259,7 @@ class BatchEntropyMixin:
         if training:
             self._lbe_guard.count("ours")
         if self._capture is None:
-            self._select_capture(model, inputs)
+            self._select_capture(model)
         user_wants_hidden_states = bool(inputs.get("output_hidden_states")) or bool(
             getattr(getattr(self.accelerator.unwrap_model(model, keep_torch_compile=False), "config", None), "output_hidden_states", False)
         )
@@ -251,13 +273,12 @@ class BatchEntropyMixin:
                 num_items_in_batch=num_items_in_batch,
             )
         loss, outputs = result if wants_outputs else (result, None)
-        activations, names = self._capture.collect(outputs)
+        activations, masks = self._collect(outputs, inputs)
         if outputs is not None:
             outputs = self._capture.restore(outputs, keep_hidden_states=user_wants_hidden_states)
         if loss.dim() > 0:
             loss = loss.mean()  # nn.DataParallel: one loss per replica, averaged as Trainer's training_step does
-        activations, masks = self._tokens.views(inputs, activations, names, self.args.lbe_ignore_padding)
-        measurable = is_measurable(activations[0].shape[0], self.args.lbe_sync_entropy)
+        measurable = bool(activations) and is_measurable(activations[0].shape[0], self.args.lbe_sync_entropy)
         if training:
             loss = self._regularize(activations, loss, masks) if measurable else self._skip_batch_of_one(loss)
         elif measurable:  # a batch of one example (the last of an evaluation set) has no batch-entropy
@@ -312,7 +333,7 @@ class BatchEntropyMixin:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = prepare_inputs(self, inputs)
         if self._capture is None:
-            self._select_capture(model, inputs)
+            self._select_capture(model)
         with self._measuring_forward(model, inputs):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
@@ -329,8 +350,7 @@ class BatchEntropyMixin:
             if done:
                 return output
             done.append(True)
-            activations, names = capture.collect(output)
-            activations, masks = self._tokens.views(inputs, activations, names, self.args.lbe_ignore_padding)
+            activations, masks = self._collect(output, inputs)
             if activations and is_measurable(activations[0].shape[0], self.args.lbe_sync_entropy):
                 self._measure_eval(activations, masks)
             return capture.restore(output, keep_hidden_states=bool(inputs.get("output_hidden_states")))
