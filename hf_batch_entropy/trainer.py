@@ -47,7 +47,7 @@ from transformers.utils import logging
 
 from ._compat import model_card_path, packs_sequences, prediction_uses_compute_loss, prepare_inputs
 from .alpha_step import AlphaStepper, adam_implementation
-from .capture import select_capture
+from .capture import accepts_hidden_states, default_target_modules, resolve_target_modules, select_capture
 from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields
 from .entropy import batch_entropies, is_measurable
 from .guard import RegularizationGuard
@@ -101,6 +101,12 @@ def _with_lbe_args(
     return bound.args, bound.kwargs
 
 
+def _nothing_to_measure(model: torch.nn.Module) -> bool:
+    """Whether, by its structure, `model` has nothing LBE could measure by default: no activation, Linear or Conv module
+    to hook, and no hidden states (its forward does not take `output_hidden_states`, or it has no layers at all)."""
+    return not default_target_modules(model) and (not accepts_hidden_states(model) or not any(model.children()))
+
+
 class BatchEntropyMixin:
     """Adds layerwise batch-entropy regularization (LBE) to the training loss of the `Trainer` subclass it is mixed
     into (list it first: `class T(BatchEntropyMixin, SomeTrainer)`).
@@ -125,6 +131,7 @@ class BatchEntropyMixin:
             self.args = with_batch_entropy_fields(self.args)
         self.regularizer: BatchEntropyRegularizer | None = None
         self._capture = None
+        self._measures_nothing = False  # lbe_beta=0 and a model without anything to measure (see `_capture_ready`)
         self._tokens: TokenLayout | None = None
         self._layer_names: list[str] = []
         self._resume_from: str | None = None
@@ -143,8 +150,11 @@ class BatchEntropyMixin:
     # --- training ----------------------------------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """`Trainer.train`; `α` and its optimizer state come back from `resume_from_checkpoint` when it has them."""
-        self._check_batch_size()
+        """`Trainer.train`; `α` and its optimizer state come back from `resume_from_checkpoint` when it has them.
+        With `lbe_beta > 0`, a model or batch size LBE cannot measure is an error here, before any step."""
+        if self.args.lbe_beta > 0:
+            self._check_batch_size()
+            self._check_model()
         if self.model_init is not None or self.optimizer is None:
             # A new model or a new optimizer: new layers to find, new targets α to learn.
             self._reset()
@@ -186,28 +196,55 @@ class BatchEntropyMixin:
                 "processes turn on lbe_sync_entropy to pool their batches."
             )
 
+    def _check_model(self) -> None:
+        """The model's structure offers LBE something to measure (hidden states, or modules to hook that match
+        `lbe_target_modules`); else the error that says what to set."""
+        targets = self.args.lbe_target_modules
+        if targets is not None or _nothing_to_measure(self.model):
+            resolve_target_modules(self.model, targets)
+
     def _reset(self) -> None:
         if self._capture is not None:
             self._capture.remove()
         self._capture, self._tokens, self._layer_names, self.regularizer = None, None, [], None
+        self._measures_nothing = False
         self._lbe_tally.discard()
         self._lbe_alpha_step.reset()
 
-    def _select_capture(self, model: torch.nn.Module) -> None:
-        """Decide where the regularized activations come from (`capture.select_capture`: from the model, and where
-        that needs a forward, at the first one the trainer runs; never a forward of its own)."""
+    def _capture_ready(self, model: torch.nn.Module) -> bool:
+        """Whether there is a capture to measure `model` with, deciding where the regularized activations come from
+        the first time (`capture.select_capture`: from the model, and where that needs a forward, at the first one the
+        trainer runs; never a forward of its own). With `lbe_beta=0`, a model without hidden states or modules to hook
+        (nothing to measure) trains exactly as with the base trainer: no capture, no LBE metrics."""
+        if self._capture is not None or self._measures_nothing:
+            return self._capture is not None
         unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
-        self._capture = select_capture(unwrapped, self.args.lbe_target_modules)
+        targets = self.args.lbe_target_modules
+        if self.args.lbe_beta == 0 and targets is None and _nothing_to_measure(unwrapped):
+            logger.info(f"lbe_beta=0: {type(unwrapped).__name__} has no layers to measure: nothing is measured.")
+            self._measures_nothing = True
+            return False
+        self._capture = select_capture(unwrapped, targets)
         self._tokens = TokenLayout(unwrapped)
         self._layer_names = []
+        return True
 
     def _collect(self, outputs: Any, inputs: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The activations of the forward just captured, as sequences with their masks (`TokenLayout.views`, on the
         inputs that forward got); the first one fixes the layer names."""
-        activations, names = self._capture.collect(outputs)
+        capture = self._capture
+        try:
+            activations, names = capture.collect(outputs)
+        except ValueError as err:  # the forward gave nothing to measure (no hidden states, no hooked module ran)
+            if self.args.lbe_beta > 0 or self._layer_names:
+                raise
+            logger.warning(f"lbe_beta=0: nothing is measured ({err})")
+            self._capture.remove()
+            self._capture, self._measures_nothing = None, True
+            return [], []
         if not self._layer_names and names:
             self._set_layer_names(names)
-        return self._tokens.views(self._capture.inputs_seen(inputs), activations, names, self.args.lbe_ignore_padding)
+        return self._tokens.views(capture.inputs_seen(inputs), activations, names, self.args.lbe_ignore_padding)
 
     def _set_layer_names(self, names: list[str]) -> None:
         if self.args.lbe_beta > 0:
@@ -254,12 +291,10 @@ class BatchEntropyMixin:
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         training = model.training
-        if not (training or self.args.lbe_eval_entropy):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if training:
             self._lbe_guard.count("ours")
-        if self._capture is None:
-            self._select_capture(model)
+        if not (training or self.args.lbe_eval_entropy) or not self._capture_ready(model):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         user_wants_hidden_states = bool(inputs.get("output_hidden_states")) or bool(
             getattr(getattr(self.accelerator.unwrap_model(model, keep_torch_compile=False), "config", None), "output_hidden_states", False)
         )
@@ -267,20 +302,21 @@ class BatchEntropyMixin:
         # are gathered in the outputs alone. Otherwise the capture records them from the forward itself, and a base
         # trainer that would run a second forward to return outputs (TRL's SFTTrainer) does not.
         wants_outputs = return_outputs or isinstance(model, torch.nn.DataParallel)
-        with self._capture.capturing():
+        capture = self._capture  # (`_collect` drops it where, at β = 0, the forward gave nothing to measure)
+        with capture.capturing():
             result = super().compute_loss(
-                model, self._capture.prepare_inputs(inputs), return_outputs=wants_outputs,
+                model, capture.prepare_inputs(inputs), return_outputs=wants_outputs,
                 num_items_in_batch=num_items_in_batch,
             )
         loss, outputs = result if wants_outputs else (result, None)
         activations, masks = self._collect(outputs, inputs)
         if outputs is not None:
-            outputs = self._capture.restore(outputs, keep_hidden_states=user_wants_hidden_states)
+            outputs = capture.restore(outputs, keep_hidden_states=user_wants_hidden_states)
         if loss.dim() > 0:
             loss = loss.mean()  # nn.DataParallel: one loss per replica, averaged as Trainer's training_step does
         measurable = bool(activations) and is_measurable(activations[0].shape[0], self.args.lbe_sync_entropy)
         if training:
-            loss = self._regularize(activations, loss, masks) if measurable else self._skip_batch_of_one(loss)
+            loss = self._regularize(activations, loss, masks) if measurable else self._skip_batch_of_one(loss, activations)
         elif measurable:  # a batch of one example (the last of an evaluation set) has no batch-entropy
             self._measure_eval(activations, masks)
         return (loss, outputs) if return_outputs else loss
@@ -301,8 +337,10 @@ class BatchEntropyMixin:
         self._lbe_tally.add_pass("train", lbe.entropies, lbe.measured, lbe_alpha_mean=lbe.targets.mean())
         return lbe.loss
 
-    def _skip_batch_of_one(self, task_loss: torch.Tensor) -> torch.Tensor:
-        if not self._warned_batch_of_one:
+    def _skip_batch_of_one(self, task_loss: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
+        if activations and activations[0].shape[0] < self.args.per_device_train_batch_size:
+            self._lbe_guard.count("tails")  # fewer sequences than a full batch: an epoch's last batch
+        if not self._warned_batch_of_one and self.args.lbe_beta > 0:
             logger.warning(
                 "A training batch holds a single example (sequence), which has no batch-entropy: it trains on the task "
                 "loss alone. (Usually the last batch of an epoch; dataloader_drop_last=True drops it.) Said once."
@@ -313,6 +351,8 @@ class BatchEntropyMixin:
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         self._lbe_guard.count("micro_batches")
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._measures_nothing:
+            return loss
         # `loss` is what Trainer adds to its logged "loss" (scaled for gradient accumulation as Trainer scales it):
         # split it into the task part and the LBE part in the same proportion, so that loss = task_loss + lbe_loss.
         lbe, self._step_lbe = self._step_lbe, None
@@ -332,8 +372,8 @@ class BatchEntropyMixin:
         if not self.args.lbe_eval_entropy or prediction_uses_compute_loss(self, inputs, prediction_loss_only, base):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = prepare_inputs(self, inputs)
-        if self._capture is None:
-            self._select_capture(model)
+        if not self._capture_ready(model):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         with self._measuring_forward(model, inputs):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 

@@ -741,3 +741,166 @@ def test_trainer_uses_the_estimators_pooling_rule(tmp_path, monkeypatch):
         trainer._check_batch_size()
     monkeypatch.setattr(entropy, "_sync_active", lambda sync: sync)  # as in a group of several processes
     trainer._check_batch_size()
+
+
+# --- Trainer's own contract -------------------------------------------------------------------------------------------
+
+
+class TwoScalars(nn.Module):
+    """y = a·x + b: two scalar parameters and no module at all, so nothing LBE could measure (no hidden states, no
+    activation, Linear or Conv module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.0))
+        self.b = nn.Parameter(torch.tensor(0.0))
+        self.forwards = 0
+
+    def forward(self, input_x, labels=None):
+        self.forwards += 1
+        y = self.a * input_x + self.b
+        return {"loss": nn.functional.mse_loss(y, labels), "y": y} if labels is not None else {"y": y}
+
+
+from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
+
+
+class TwoScalarsPreTrained(PreTrainedModel):
+    """The same as a Transformers model whose forward takes `**kwargs` (so `output_hidden_states` too, which it ignores):
+    only a forward could tell that it returns no hidden states, but it has no layer that could have any."""
+
+    config_class = PretrainedConfig
+
+    def __init__(self, config=None):
+        super().__init__(config or PretrainedConfig())
+        self.a = nn.Parameter(torch.tensor(0.0))
+        self.b = nn.Parameter(torch.tensor(0.0))
+        self.forwards = 0
+
+    def forward(self, input_x, labels=None, **kwargs):
+        self.forwards += 1
+        y = self.a * input_x + self.b
+        return (nn.functional.mse_loss(y, labels), y) if labels is not None else (y,)
+
+
+def line_dataset(n=24):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g)
+    return DictDataset([{"input_x": x[i], "labels": 2.0 * x[i] + 3.0 + 0.1 * torch.randn((), generator=g)} for i in range(n)])
+
+
+@pytest.mark.parametrize("model_cls", [TwoScalars, TwoScalarsPreTrained])
+@pytest.mark.parametrize("batch_size", [4, 1])
+def test_beta_zero_with_nothing_to_measure_trains_evaluates_and_predicts_exactly_like_trainer(tmp_path, batch_size,
+                                                                                            model_cls):
+    data = line_dataset()
+    unlabelled = DictDataset([{"input_x": r["input_x"]} for r in data.rows])
+    common = dict(per_device_train_batch_size=batch_size, max_steps=6, logging_steps=2, learning_rate=0.1,
+                  eval_strategy="steps", eval_steps=3)
+    runs = {}
+    for name, trainer_cls, extra in (("plain", Trainer, {"plain": True}), ("ours", BatchEntropyTrainer, {"lbe_beta": 0.0,
+                                                                                                        "lbe_eval_entropy": True})):
+        torch.manual_seed(0)
+        trainer = trainer_cls(model=model_cls(), args=make_args(tmp_path / name, **common, **extra), train_dataset=data,
+                              eval_dataset=data)
+        trainer.train()
+        history = [{k: v for k, v in h.items() if not k.endswith(("runtime", "per_second"))} for h in trainer.state.log_history]
+        predicted = trainer.predict(unlabelled)
+        runs[name] = (history, params(trainer.model), predicted.predictions, trainer.evaluate(), trainer.model.forwards)
+    plain, ours = runs["plain"], runs["ours"]
+    assert ours[0] == plain[0]  # the same logs, key for key: no LBE metric where nothing is measured
+    assert_same_params(ours[1], plain[1], rtol=0, atol=0)
+    np.testing.assert_array_equal(ours[2], plain[2])
+    assert {k: v for k, v in ours[3].items() if "runtime" not in k and "per_second" not in k} == {
+        k: v for k, v in plain[3].items() if "runtime" not in k and "per_second" not in k}
+    assert ours[4] == plain[4]  # the same forwards, none of its own
+
+
+@pytest.mark.parametrize("model_cls", [TwoScalars, TwoScalarsPreTrained])
+def test_beta_positive_with_nothing_to_measure_is_an_error_when_train_starts(tmp_path, model_cls):
+    """The error comes from the model's structure before training begins: no forward, no `on_train_begin`."""
+    began = []
+
+    class Began(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            began.append(True)
+
+    model = model_cls()
+    trainer = BatchEntropyTrainer(model=model, args=make_args(tmp_path, lbe_beta=0.1), train_dataset=line_dataset(),
+                                  callbacks=[Began()])
+    with pytest.raises(ValueError, match=f"{model_cls.__name__} returns no hidden states and has no activation, Linear or Conv"):
+        trainer.train()
+    assert model.forwards == 0 and not began
+    targets = BatchEntropyTrainer(model=TinyMLP(), args=make_args(tmp_path, lbe_beta=0.1, lbe_target_modules=["nope"]),
+                                  train_dataset=vector_dataset(), callbacks=[Began()])
+    with pytest.raises(ValueError, match="matches no module of TinyMLP"):
+        targets.train()
+    assert not began
+
+
+def test_the_alpha_step_is_not_a_callback_in_the_users_list(tmp_path):
+    from transformers import DefaultFlowCallback, PrinterCallback
+
+    class Mine(TrainerCallback):
+        pass
+
+    mine = Mine()
+    plain = Trainer(model=tiny_bert(), args=make_args(tmp_path, plain=True), callbacks=[mine])
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=make_args(tmp_path, lbe_beta=0.5),
+                                  train_dataset=token_dataset(), callbacks=[mine])
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [type(c) for c in plain.callback_handler.callbacks]
+    assert trainer.pop_callback(Mine) is mine and trainer.pop_callback(Mine) is None
+    # A user who removes every callback they can see (but the flow) still trains α once per optimizer step.
+    for callback in list(trainer.callback_handler.callbacks):
+        if not isinstance(callback, DefaultFlowCallback):
+            trainer.remove_callback(type(callback))
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [DefaultFlowCallback]
+    trainer.add_callback(PrinterCallback)
+    trainer.train()
+    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 4
+
+
+class RecordsBatches(TinyMLP):
+    """A forward with a side effect: it records the first feature of every batch it sees (as a buffer would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, labels=None):
+        self.seen.append([round(v, 6) for v in x[:, 0].tolist()])
+        return super().forward(x, labels)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_a_forward_with_side_effects_sees_exactly_trainers_calls_also_after_a_resume(tmp_path, beta):
+    data = vector_dataset(n=32)
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=8,
+                  eval_strategy="steps", eval_steps=3)
+    seen = {}
+    for name, trainer_cls, extra in (("plain", Trainer, {"plain": True}),
+                                     ("ours", BatchEntropyTrainer, {"lbe_beta": beta, "lbe_eval_entropy": True})):
+        torch.manual_seed(0)
+        first = trainer_cls(model=RecordsBatches(), args=make_args(tmp_path / name, **common, **extra),
+                            train_dataset=data, eval_dataset=data)
+        first.train()
+        torch.manual_seed(1)
+        resumed = trainer_cls(model=RecordsBatches(), args=make_args(tmp_path / name, **common, **extra),
+                              train_dataset=data, eval_dataset=data)
+        resumed.train(resume_from_checkpoint=str(tmp_path / name / "out" / "checkpoint-3"))
+        seen[name] = (first.model.seen, resumed.model.seen)
+    assert seen["ours"] == seen["plain"]
+    assert len(seen["ours"][0]) == 6 + 2 * 4 and len(seen["ours"][1]) == 3 + 4  # steps and evaluation batches
+
+
+def test_a_resumed_run_whose_only_batch_left_holds_one_example_trains_it_without_the_guard(tmp_path, caplog):
+    data = token_dataset(n=9)  # an epoch: a batch of 8, then a batch of 1
+    args = make_args(tmp_path, lbe_beta=0.1, num_train_epochs=1, max_steps=-1, save_strategy="steps", save_steps=1)
+    BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=data).train()
+    resumed = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=data)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert resumed.state.global_step == 2
+    assert sum("single example" in r.getMessage() for r in caplog.records) == 1
+    # A run in which every batch holds one sequence is still an error (packed rows of one sequence: test_tokens).
