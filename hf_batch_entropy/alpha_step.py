@@ -11,8 +11,9 @@ that AdamW step as if `α` were a parameter group of the model's optimizer:
 - after the loss scaling of fp16 training is taken out of `α`'s gradient (`unscale`), as the scaler takes it out of
   the model's.
 
-The trainer calls `unscale` right before and `step` right after `optimizer.step()` (`Trainer`'s `on_pre_optimizer_step`
-and `on_optimizer_step` events).
+The trainer calls `unscale` right before and `step` right after `optimizer.step()`: `Trainer`'s `on_pre_optimizer_step`
+and `on_optimizer_step` events, which `attach_alpha_step` hooks into its callback handler without adding a callback to
+the user's list.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import math
 from typing import Any
 
 import torch
+from transformers.trainer_callback import CallbackHandler
 
 from ._compat import deepspeed_loss_scale, grad_scaler_scale, inner_optimizer, lambda_lr_factor
 
-__all__ = ["AlphaStepper", "ScheduleFactor", "adam_implementation"]
+__all__ = ["AlphaStepper", "ScheduleFactor", "adam_implementation", "attach_alpha_step"]
 
 
 def adam_implementation(model_optimizer: Any) -> dict[str, Any]:
@@ -124,3 +126,27 @@ class AlphaStepper:
     def reset(self) -> None:
         """A new optimizer: a new schedule, whose factor starts afresh."""
         self.factor = ScheduleFactor()
+
+
+class _AlphaStepEvents(CallbackHandler):
+    """`Trainer`'s callback handler, which also steps α around each optimizer step (after the user's callbacks) without
+    being a callback itself: `callback_handler.callbacks` and `add/pop/remove_callback` stay the user's."""
+
+    def on_pre_optimizer_step(self, args, state, control):
+        control = super().on_pre_optimizer_step(args, state, control)
+        self._lbe_trainer._unscale_alpha_grad()
+        return control
+
+    def on_optimizer_step(self, args, state, control):
+        control = super().on_optimizer_step(args, state, control)
+        self._lbe_trainer._step_alpha()
+        return control
+
+
+def attach_alpha_step(trainer: Any) -> None:
+    """Make `trainer`'s callback handler call `trainer._unscale_alpha_grad()` on `on_pre_optimizer_step` and
+    `trainer._step_alpha()` on `on_optimizer_step`, after the user's callbacks (`_compat`, contract (g)): the handler
+    object keeps its state and its list, and gets a subclass of its own class."""
+    handler = trainer.callback_handler
+    handler.__class__ = type(f"LBE{type(handler).__name__}", (_AlphaStepEvents, type(handler)), {})
+    handler._lbe_trainer = trainer

@@ -1,6 +1,9 @@
 """The guard against a silent run without LBE.
 
-With `lbe_beta > 0`, a logging window of training steps none of which was regularized is an error that names the
+Before training (with `lbe_beta > 0`): a batch size of one (`check_batch_size`) and a model with nothing to measure
+(`check_model`) are errors.
+
+During training: with `lbe_beta > 0`, a logging window of training steps none of which was regularized is an error that names the
 cause, never a run that quietly trains on the task loss alone. The trainer counts, per window, on the host (nothing
 read on the device):
 
@@ -17,7 +20,14 @@ one micro-batch after regularized ones in the same run (the last batch of an epo
 
 from __future__ import annotations
 
-__all__ = ["RegularizationGuard"]
+from typing import Any
+
+from torch import nn
+
+from .capture import accepts_hidden_states, default_target_modules, resolve_target_modules
+from .entropy import is_measurable
+
+__all__ = ["RegularizationGuard", "check_batch_size", "check_model", "nothing_to_measure"]
 
 _COUNTS = ("micro_batches", "ours", "regularized", "tails")
 
@@ -65,3 +75,30 @@ class RegularizationGuard:
             "cu_seq_lens_q, seq_idx or position_ids in the batch, as TRL's packing and DataCollatorWithFlattening "
             "give), or each packed row holds one sequence."
         )
+
+
+def check_batch_size(batch_size: int, per_device_batch_size: int, sync_entropy: bool, packs_sequences: bool) -> None:
+    """Raise a `ValueError` where a forward pass holds fewer than 2 sequences to measure: `batch_size` examples per
+    forward (pooled across processes with `sync_entropy`: `entropy.is_measurable`). Batches that pack several
+    sequences into one row (`packs_sequences`) pass: the window check catches a run in which none had two."""
+    if packs_sequences or is_measurable(batch_size, sync_entropy):
+        return
+    raise ValueError(
+        f"Batch-entropy is a statistic over the batch and needs at least 2 examples per forward pass, but "
+        f"per_device_train_batch_size is {per_device_batch_size}. Use a batch size of 2 or more (gradient accumulation "
+        "does not help: each micro-batch is measured on its own), or with several processes turn on lbe_sync_entropy "
+        "to pool their batches."
+    )
+
+
+def nothing_to_measure(model: nn.Module) -> bool:
+    """Whether, by its structure, `model` has nothing LBE could measure by default: no activation, Linear or Conv module
+    to hook, and no hidden states (its forward does not take `output_hidden_states`, or it has no layers at all)."""
+    return not default_target_modules(model) and (not accepts_hidden_states(model) or not any(model.children()))
+
+
+def check_model(model: nn.Module, target_modules: Any) -> None:
+    """Raise the `ValueError` that says what to set where `model`'s structure offers LBE nothing to measure: no module
+    matches `target_modules`, or (without them) `nothing_to_measure`."""
+    if target_modules is not None or nothing_to_measure(model):
+        resolve_target_modules(model, target_modules)

@@ -41,17 +41,16 @@ from typing import Any
 
 import torch
 from transformers import Seq2SeqTrainer, Trainer
-from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from ._compat import model_card_path, packs_sequences, prediction_uses_compute_loss, prepare_inputs
-from .alpha_step import AlphaStepper, adam_implementation
-from .capture import accepts_hidden_states, default_target_modules, resolve_target_modules, select_capture
+from .alpha_step import AlphaStepper, adam_implementation, attach_alpha_step
+from .capture import select_capture
 from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields
 from .entropy import batch_entropies, is_measurable
-from .guard import RegularizationGuard
-from .modelcard import MODEL_TAG, SECTION_TITLE, model_card_section
+from .guard import RegularizationGuard, check_batch_size, check_model, nothing_to_measure
+from .modelcard import MODEL_TAG, append_section
 from .regularizer import REGULARIZER_CONFIG_NAME, BatchEntropyRegularizer
 from .tally import MetricTally
 from .tokens import TokenLayout
@@ -59,23 +58,6 @@ from .tokens import TokenLayout
 logger = logging.get_logger(__name__)
 
 __all__ = ["BatchEntropyMixin", "BatchEntropySeq2SeqTrainer", "BatchEntropyTrainer"]
-
-
-class _AlphaStepEvents(CallbackHandler):
-    """`Trainer`'s callback handler, which also steps α around each optimizer step (after the user's callbacks) without
-    being a callback itself: `callback_handler.callbacks`, `add/pop/remove_callback` stay the user's."""
-
-    _lbe_trainer: BatchEntropyMixin
-
-    def on_pre_optimizer_step(self, args, state, control):
-        control = super().on_pre_optimizer_step(args, state, control)
-        self._lbe_trainer._unscale_alpha_grad()
-        return control
-
-    def on_optimizer_step(self, args, state, control):
-        control = super().on_optimizer_step(args, state, control)
-        self._lbe_trainer._step_alpha()
-        return control
 
 
 def _with_lbe_args(
@@ -99,12 +81,6 @@ def _with_lbe_args(
     elif value is not None:
         bound.arguments["args"] = with_batch_entropy_fields(value)
     return bound.args, bound.kwargs
-
-
-def _nothing_to_measure(model: torch.nn.Module) -> bool:
-    """Whether, by its structure, `model` has nothing LBE could measure by default: no activation, Linear or Conv module
-    to hook, and no hidden states (its forward does not take `output_hidden_states`, or it has no layers at all)."""
-    return not default_target_modules(model) and (not accepts_hidden_states(model) or not any(model.children()))
 
 
 class BatchEntropyMixin:
@@ -140,10 +116,7 @@ class BatchEntropyMixin:
         self._lbe_tally = MetricTally(lambda: self.state.global_step)
         self._step_lbe = None  # the LBEOutput of the micro-step in flight, from compute_loss to training_step
         self._warned_batch_of_one = False
-        # α steps around the model's optimizer step, through Trainer's events but not as a callback of the user's list.
-        handler = self.callback_handler
-        handler.__class__ = type(f"LBE{type(handler).__name__}", (_AlphaStepEvents, type(handler)), {})
-        handler._lbe_trainer = self
+        attach_alpha_step(self)  # through Trainer's events, but not as a callback of the user's list
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([MODEL_TAG])
 
@@ -154,7 +127,7 @@ class BatchEntropyMixin:
         With `lbe_beta > 0`, a model or batch size LBE cannot measure is an error here, before any step."""
         if self.args.lbe_beta > 0:
             self._check_batch_size()
-            self._check_model()
+            check_model(self.model, self.args.lbe_target_modules)
         if self.model_init is not None or self.optimizer is None:
             # A new model or a new optimizer: new layers to find, new targets α to learn.
             self._reset()
@@ -186,22 +159,9 @@ class BatchEntropyMixin:
         self._build_regularizer()
 
     def _check_batch_size(self) -> None:
-        if packs_sequences(self):
-            return  # one packed row holds several sequences; the guard catches a run where none had two
-        if not is_measurable(self.args.train_batch_size, self.args.lbe_sync_entropy):
-            raise ValueError(
-                f"Batch-entropy is a statistic over the batch and needs at least 2 examples per forward pass, but "
-                f"per_device_train_batch_size is {self.args.per_device_train_batch_size}. Use a batch size of 2 or "
-                "more (gradient accumulation does not help: each micro-batch is measured on its own), or with several "
-                "processes turn on lbe_sync_entropy to pool their batches."
-            )
-
-    def _check_model(self) -> None:
-        """The model's structure offers LBE something to measure (hidden states, or modules to hook that match
-        `lbe_target_modules`); else the error that says what to set."""
-        targets = self.args.lbe_target_modules
-        if targets is not None or _nothing_to_measure(self.model):
-            resolve_target_modules(self.model, targets)
+        args = self.args
+        check_batch_size(args.train_batch_size, args.per_device_train_batch_size, args.lbe_sync_entropy,
+                         packs_sequences(self))
 
     def _reset(self) -> None:
         if self._capture is not None:
@@ -220,7 +180,7 @@ class BatchEntropyMixin:
             return self._capture is not None
         unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         targets = self.args.lbe_target_modules
-        if self.args.lbe_beta == 0 and targets is None and _nothing_to_measure(unwrapped):
+        if self.args.lbe_beta == 0 and targets is None and nothing_to_measure(unwrapped):
             logger.info(f"lbe_beta=0: {type(unwrapped).__name__} has no layers to measure: nothing is measured.")
             self._measures_nothing = True
             return False
@@ -235,7 +195,7 @@ class BatchEntropyMixin:
         capture = self._capture
         try:
             activations, names = capture.collect(outputs)
-        except ValueError as err:  # the forward gave nothing to measure (no hidden states, no hooked module ran)
+        except (ValueError, RuntimeError) as err:  # nothing to measure (no hidden states, no hooked module with grads)
             if self.args.lbe_beta > 0 or self._layer_names:
                 raise
             logger.warning(f"lbe_beta=0: nothing is measured ({err})")
@@ -459,17 +419,9 @@ class BatchEntropyMixin:
         super().create_model_card(*args, tags=tags, **kwargs)
         if not self.is_world_process_zero():
             return
-        path = model_card_path(self.args.output_dir)
-        with open(path, encoding="utf-8") as f:
-            card = f.read()
-        if SECTION_TITLE not in card:
-            section = model_card_section(
-                self.args.lbe_settings,
-                self.regularizer.num_layers if self.regularizer is not None else None,
-                self._capture.source if self._capture is not None else None,
-            )
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(card.rstrip("\n") + "\n" + section)
+        append_section(model_card_path(self.args.output_dir), self.args.lbe_settings,
+                       self.regularizer.num_layers if self.regularizer is not None else None,
+                       self._capture.source if self._capture is not None else None)
 
 
 class BatchEntropyTrainer(BatchEntropyMixin, Trainer):

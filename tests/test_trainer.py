@@ -904,3 +904,26 @@ def test_a_resumed_run_whose_only_batch_left_holds_one_example_trains_it_without
     assert resumed.state.global_step == 2
     assert sum("single example" in r.getMessage() for r in caplog.records) == 1
     # A run in which every batch holds one sequence is still an error (packed rows of one sequence: test_tokens).
+
+
+class ReentrantMLP(TinyMLP):
+    """The hooked Linear/Tanh modules run inside reentrant activation checkpointing, under no_grad: LBE could not
+    train them (an error with lbe_beta > 0), but at lbe_beta = 0 nothing needs training."""
+
+    def forward(self, x, labels=None):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True) if self.training else block(h)
+        logits = self.head(h)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_beta_zero_with_nothing_measurable_under_reentrant_checkpointing_trains_like_trainer(tmp_path):
+    runs = {}
+    for name, trainer_cls, extra in (("plain", Trainer, {"plain": True}), ("ours", BatchEntropyTrainer, {"lbe_beta": 0.0})):
+        torch.manual_seed(0)
+        trainer = trainer_cls(model=ReentrantMLP(), args=make_args(tmp_path / name, **extra), train_dataset=vector_dataset())
+        trainer.train()
+        runs[name] = (losses(trainer), params(trainer.model))
+    assert runs["ours"][0] == runs["plain"][0]
+    assert_same_params(runs["ours"][1], runs["plain"][1], rtol=0, atol=0)
