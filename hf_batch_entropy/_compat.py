@@ -15,6 +15,21 @@ Private reads (functions below):
 - `lambda_lr_factor`: `LambdaLR.lr_lambdas[0](last_epoch)`, the exact factor Trainer's schedule gave the step.
 - `order_backward`: torch autograd's `Node._sequence_nr` / `_set_sequence_nr`, which order the estimator's backward
   next to its layers' (only the order of the backward moves; skipped where missing).
+- `prepare_inputs`: `Trainer._prepare_inputs`, which moves a batch to the device as `prediction_step` will (the
+  mixin measures an unlabelled prediction batch with those tensors).
+- `CONV_LAYERS`: `torch.nn.modules.conv._ConvNd`, the base class of every `Conv`/`ConvTranspose` layer (the default
+  hook targets of a model without activation modules).
+- `prompt_learning_config`: PEFT's `PeftModel.active_peft_config` and its `num_virtual_tokens`, `peft_type`,
+  `is_prompt_learning` (the virtual tokens a prompt-learning model prepends to every sequence).
+- `packs_sequences`: TRL's `SFTConfig.packing` / `padding_free` and `SFTTrainer.padding_free` (a batch size of one may
+  still hold several sequences).
+
+Copies of `Trainer`'s decisions (functions below; each test compares the copy with what `Trainer` does):
+
+- `prediction_uses_compute_loss`: whether `Trainer.prediction_step` (or `Seq2SeqTrainer`'s) computes the batch's loss
+  through `compute_loss` (labels present, or `return_loss` without label names), or runs the model directly.
+- `model_card_path`: `Trainer.create_model_card` writes the card to `<output_dir>/README.md`; the mixin appends its
+  section there.
 
 Implicit contracts of `Trainer` (no function; each has its test):
 
@@ -30,15 +45,37 @@ Implicit contracts of `Trainer` (no function; each has its test):
   means a fresh run, whose layers and targets are found anew.
 - (f) `_load_best_model()` is the one place `load_best_model_at_end` loads the best checkpoint; overriding it restores
   that checkpoint's α with the model.
+- (g) `Trainer` sends every event through `self.callback_handler`, a `CallbackHandler` whose methods (`on_*`) call the
+  callbacks in its `callbacks` list; the mixin gives that one handler object a subclass with its own reactions to two
+  events, so that α's step is not a callback in the user's list.
+- (h) `Trainer._clip_grad_norm(model)`: with `max_grad_norm > 0`, `Trainer` clips through this one method, once per
+  optimizer step and before `on_pre_optimizer_step`, and logs what it returns as `grad_norm`. The repository's
+  frontier experiment (`experiments/frontier/runs.py`, not part of the package) overrides it with a faster clip that
+  gives the same gradients bit for bit.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
-__all__ = ["deepspeed_loss_scale", "grad_scaler_scale", "inner_optimizer", "lambda_lr_factor", "order_backward"]
+__all__ = [
+    "CONV_LAYERS",
+    "deepspeed_loss_scale",
+    "grad_scaler_scale",
+    "inner_optimizer",
+    "lambda_lr_factor",
+    "model_card_path",
+    "order_backward",
+    "packs_sequences",
+    "prediction_uses_compute_loss",
+    "prepare_inputs",
+    "prompt_learning_config",
+]
+
+CONV_LAYERS: type[torch.nn.Module] = torch.nn.modules.conv._ConvNd
 
 
 def grad_scaler_scale(scaler: Any) -> torch.Tensor | float:
@@ -81,3 +118,55 @@ def order_backward(output: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
         return False
     node._set_sequence_nr(max(numbers))
     return True
+
+
+def prepare_inputs(trainer: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch as `Trainer` hands it to the model: tensors on the device (`Trainer._prepare_inputs`). Preparing a
+    prepared batch again changes nothing."""
+    return trainer._prepare_inputs(inputs)
+
+
+def prediction_uses_compute_loss(trainer: Any, inputs: dict[str, Any], prediction_loss_only: bool, base: type) -> bool:
+    """Whether `base.prediction_step` (the trainer class's, `Trainer` or `Seq2SeqTrainer`) goes through
+    `compute_loss` for this batch, as it decides: with generation (`predict_with_generate`, not loss only) it generates,
+    which counts as yes (not a batch to measure by hooks); otherwise when every label name has a value in the batch, or
+    there are no label names and the model returns a loss (`return_loss` in the batch, else `can_return_loss`).
+    A trainer whose `base` is neither (TRL's) has its own `prediction_step`, assumed to call `compute_loss`."""
+    from transformers import Seq2SeqTrainer, Trainer
+
+    if getattr(trainer.args, "predict_with_generate", False) and not prediction_loss_only:
+        return True  # generation: its forwards are decoding steps, not batches of sequences
+    if base not in (Trainer, Seq2SeqTrainer):
+        return True  # a base trainer's own prediction_step (TRL's calls compute_loss for every batch)
+    label_names = trainer.label_names
+    has_labels = bool(label_names) and all(inputs.get(k) is not None for k in label_names)
+    return_loss = inputs.get("return_loss")
+    if return_loss is None:
+        return_loss = trainer.can_return_loss
+    return has_labels or (not label_names and bool(return_loss))
+
+
+def packs_sequences(trainer: Any) -> bool:
+    """Whether the trainer's batches concatenate several sequences into one row: TRL's `packing` or `padding_free`
+    (in its config, or as `SFTTrainer` resolves it on itself), or `transformers.DataCollatorWithFlattening`."""
+    from transformers import DataCollatorWithFlattening
+
+    return bool(
+        getattr(trainer.args, "packing", False) or getattr(trainer.args, "padding_free", False)
+        or getattr(trainer, "padding_free", False) or isinstance(trainer.data_collator, DataCollatorWithFlattening)
+    )
+
+
+def prompt_learning_config(model: Any) -> tuple[str, int] | None:
+    """A PEFT prompt-learning model's method (`"PROMPT_TUNING"`, `"P_TUNING"`, `"PREFIX_TUNING"`, ...) and number of
+    virtual tokens, from its `active_peft_config`; `None` for any other model (LoRA included)."""
+    config = getattr(model, "active_peft_config", None) if model is not None else None
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return None
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    return str(peft_type), int(getattr(config, "num_virtual_tokens", None) or 0)
+
+
+def model_card_path(output_dir: str) -> str:
+    """Where `Trainer.create_model_card` writes the card."""
+    return os.path.join(output_dir, "README.md")

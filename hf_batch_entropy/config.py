@@ -68,6 +68,11 @@ class BatchEntropyArguments:
         lbe_alpha_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of α's own AdamW (no weight decay); `None`: the model's `learning_rate`. Either way it is
             multiplied by the main schedule's current factor.
+        lbe_scale_by_task_loss (`bool`, *optional*, defaults to `True`):
+            Multiply the term by the task loss, as the paper does (`β·mean_l(lbe_l)·L_task`; the entropies' gradient
+            is weighted by `|L_task|`, so a negative task loss still pulls each layer towards its target). `False`
+            adds `β·mean_l(lbe_l)` alone: for losses that are about 0 or change sign (TRL's GRPO and RLOO), where a
+            term scaled by them does next to nothing.
 
         > Which activations
 
@@ -122,6 +127,15 @@ class BatchEntropyArguments:
             "help": "Learning rate of the α targets. Default (None): the model's learning_rate, as in the paper. "
             "It follows the model's schedule (warm-up, decay). When fine-tuning with a small learning rate (say "
             "2e-5) α hardly moves from α₀; set e.g. 1e-3 to let the targets adapt to each layer."
+        },
+    )
+    lbe_scale_by_task_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Multiply the batch-entropy term by the task loss, as the paper does: L = L_task + "
+            "β·mean_l(lbe_l)·L_task, with the entropies' gradient weighted by |L_task| so that a negative task loss "
+            "still pulls each layer towards its target. False: L = L_task + β·mean_l(lbe_l), for losses that are "
+            "about 0 or change sign (policy-gradient losses such as GRPO's and RLOO's); choose a smaller β then."
         },
     )
     # Takes `TargetModules` (a regex string, names, or module classes); the hint is what the command line gives,

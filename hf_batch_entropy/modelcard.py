@@ -44,3 +44,13 @@ LBE settings:
 {CITATION}
 ```
 """
+
+
+def append_section(path: str, settings: dict, num_layers: int | None, source: str | None) -> None:
+    """Append `model_card_section` to the card at `path` (the one `Trainer.create_model_card` wrote), unless it has
+    one already."""
+    with open(path, encoding="utf-8") as f:
+        card = f.read()
+    if SECTION_TITLE not in card:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(card.rstrip("\n") + "\n" + model_card_section(settings, num_layers, source))

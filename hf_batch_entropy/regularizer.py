@@ -5,10 +5,21 @@ For layers `l = 1…L` with batch-entropies `H_l` (see `entropy.py`):
 
     target_l = max(α_min, |α_l|)
     lbe_l    = (H_l − target_l)²
-    L        = L_task + β · mean_l(lbe_l) · L_task
+    L        = L_task + β · mean_l(lbe_l) · L_task          (scale_by_task_loss=True, the default: the paper's)
+    L        = L_task + β · mean_l(lbe_l)                   (scale_by_task_loss=False)
 
 Multiplying by `L_task` (as the paper does) makes the regularizer fade as the task is learned, and makes it scale with
 whatever normalization the task loss already has (gradient accumulation, token averaging across devices).
+
+**Task losses that are zero or negative** (policy-gradient losses such as GRPO's and RLOO's, which are advantages
+times log-ratios and average about 0; some preference losses): multiplied by a negative `L_task`, the term's gradient
+would push every entropy away from its target. So the factor the entropies' gradient sees is `|L_task|`: the value is
+the paper's, `β·mean_l(lbe_l)·L_task`, for every sign, and so is the gradient with respect to `L_task`
+(`β·mean_l(lbe_l)`, which leaves the task's gradient scaled by `1 + β·mean_l(lbe_l) > 0`); the gradient with respect
+to the entropies (and to `α`) is `β·|L_task|·∂mean_l(lbe_l)`, which is the paper's wherever `L_task ≥ 0`. Where
+`L_task` is about 0 the term has (as in the paper) next to no effect; for such losses, `scale_by_task_loss=False`
+adds `β·mean_l(lbe_l)` instead, whose pull does not depend on the task loss (β then is in the units of nats²
+relative to the loss, so choose it smaller, e.g. 1e-3 to 1e-2).
 
 `α` is not a parameter of the model, and it is not trained by the model's optimizer: the regularizer owns an AdamW
 for it (`configure_optimizer`, `step`), as the paper trains `α` with Adam. So the model's optimizer and scheduler,
@@ -47,7 +58,7 @@ REGULARIZER_CONFIG_NAME = "batch_entropy_regularizer.json"
 # The regularizer's settings: the `BatchEntropyConfig` field each comes from (the name it is saved and read under) →
 # the constructor argument (and, as the 0.1.0 files named them, the legacy key).
 SETTINGS = {"lbe_beta": "beta", "lbe_alpha": "alpha", "lbe_alpha_min": "alpha_min", "lbe_fused": "fused",
-            "lbe_sync_entropy": "sync_entropy"}
+            "lbe_sync_entropy": "sync_entropy", "lbe_scale_by_task_loss": "scale_by_task_loss"}
 _LEGACY_KEYS = {argument: field for field, argument in SETTINGS.items()}
 # Where the module keeps a constructor argument under another attribute name (`alpha` is the parameter itself).
 _ATTRIBUTES = {"alpha": "alpha_init"}
@@ -77,7 +88,7 @@ class LBEOutput:
     task_loss: torch.Tensor
     """The task loss it was given (scalar)."""
     lbe_loss: torch.Tensor
-    """The added term `β · mean_l(lbe_l) · L_task` (scalar)."""
+    """The added term `β · mean_l(lbe_l) · L_task` (or `β · mean_l(lbe_l)` without `scale_by_task_loss`; scalar)."""
     entropies: torch.Tensor
     """`H_l`, shape `(L,)`, nats per unit."""
     lbe_per_layer: torch.Tensor
@@ -126,6 +137,8 @@ class BatchEntropyRegularizer(nn.Module):
         alpha_min: floor of the targets.
         fused: compute all layers' entropies in one fused reduction (see `batch_entropies`).
         sync_entropy: compute entropies over the global batch of all processes.
+        scale_by_task_loss: multiply the term by the task loss (the paper's; the entropies' gradient by `|L_task|`,
+            see the module's docstring); `False`: add `β · mean_l(lbe_l)` alone.
         layer_names: optional names of the layers, for messages, logs and checking a checkpoint against the model.
         check_finite: raise a `FloatingPointError` at once when an entropy is NaN or inf. This reads a value on the
             host every step (a device synchronization); `BatchEntropyTrainer` turns it off and checks a tally of
@@ -149,6 +162,7 @@ class BatchEntropyRegularizer(nn.Module):
         sync_entropy: bool = False,
         layer_names: Sequence[str] | None = None,
         check_finite: bool = True,
+        scale_by_task_loss: bool = True,
     ):
         super().__init__()
         if num_layers < 1:
@@ -159,6 +173,7 @@ class BatchEntropyRegularizer(nn.Module):
         self.beta, self.alpha_init, self.alpha_min = checked["beta"], checked["alpha"], checked["alpha_min"]
         self.fused = fused
         self.sync_entropy = sync_entropy
+        self.scale_by_task_loss = bool(scale_by_task_loss)
         self.check_finite = check_finite
         self.layer_names = list(layer_names) if layer_names is not None else [f"layer_{i}" for i in range(num_layers)]
         self.alpha = nn.Parameter(torch.full((num_layers,), self.alpha_init))
@@ -169,7 +184,8 @@ class BatchEntropyRegularizer(nn.Module):
     def from_config(cls, config: Any, num_layers: int, layer_names: Sequence[str] | None = None,
                     **kwargs) -> BatchEntropyRegularizer:
         """Build from a `BatchEntropyConfig`, or anything with the same `lbe_*` attributes (see `SETTINGS`)."""
-        settings = {argument: getattr(config, field) for field, argument in SETTINGS.items()}
+        # A setting the config does not have (files written before it existed) takes the constructor's default.
+        settings = {argument: getattr(config, field) for field, argument in SETTINGS.items() if hasattr(config, field)}
         return cls(num_layers, layer_names=layer_names, **settings, **kwargs)
 
     @property
@@ -228,7 +244,8 @@ class BatchEntropyRegularizer(nn.Module):
                 entropies then leave padding out (`batch_entropies`).
 
         Returns:
-            An `LBEOutput` whose `loss` is `L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task`, the mean over the
+            An `LBEOutput` whose `loss` is `L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task` (the entropies'
+            gradient weighted by `|L_task|`; without `scale_by_task_loss`, `L_task + β·mean_l(...)`), the mean over the
             layers that have a batch-entropy this step (a masked layer without two real tokens at any position has
             none: its `lbe_per_layer` is 0 and it is left out; with none left the loss is `L_task`). `measured` says
             which layers counted.
@@ -252,7 +269,7 @@ class BatchEntropyRegularizer(nn.Module):
             )
         entropies, measured = self.entropies(activations, masks, return_measured=True)
         lbe_per_layer = _measured_only((entropies - targets).square(), measured)
-        lbe_loss = self.beta * self._layer_mean(lbe_per_layer, measured) * task_loss.float()
+        lbe_loss = self.beta * self._scaled(self._layer_mean(lbe_per_layer, measured), task_loss.float())
         return LBEOutput(
             loss=task_loss + lbe_loss.to(task_loss.dtype),
             task_loss=task_loss,
@@ -263,10 +280,20 @@ class BatchEntropyRegularizer(nn.Module):
             measured=measured,
         )
 
+    def _scaled(self, mean_lbe: torch.Tensor, task_loss: torch.Tensor) -> torch.Tensor:
+        """`mean_l(lbe_l) · L_task` whose gradient with respect to `mean_l(lbe_l)` is `|L_task|` (so that a negative
+        task loss still pulls the entropies towards their targets) and with respect to `L_task` is `mean_l(lbe_l)`: the
+        paper's value and, where `L_task ≥ 0`, its gradients. `mean_l(lbe_l)` alone without `scale_by_task_loss`."""
+        if not self.scale_by_task_loss:
+            return mean_lbe
+        detached = mean_lbe.detach()
+        return detached * task_loss + (mean_lbe - detached) * task_loss.detach().abs()
+
     def extra_repr(self) -> str:
         return (
             f"num_layers={self.num_layers}, beta={self.beta}, alpha_init={self.alpha_init}, "
-            f"alpha_min={self.alpha_min}, fused={self.fused}, sync_entropy={self.sync_entropy}"
+            f"alpha_min={self.alpha_min}, fused={self.fused}, sync_entropy={self.sync_entropy}, "
+            f"scale_by_task_loss={self.scale_by_task_loss}"
         )
 
     # --- α's optimizer -----------------------------------------------------------------------------------------------
@@ -330,9 +357,10 @@ class BatchEntropyRegularizer(nn.Module):
                                      "eps": group["eps"]}
         return settings
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, schedule: dict[str, float] | None = None) -> None:
         """Write `α` and its AdamW state (safetensors) and the settings (JSON) into `save_directory`, beside the
-        model's own files."""
+        model's own files. `schedule`: the state of the schedule that scales α's rate (the trainer's
+        `ScheduleFactor.state_dict()`), saved with the optimizer's settings (`read_schedule` reads it back)."""
         from safetensors.torch import save_file
 
         os.makedirs(save_directory, exist_ok=True)
@@ -342,8 +370,11 @@ class BatchEntropyRegularizer(nn.Module):
             if name in state:
                 tensors[f"optimizer.{name}"] = torch.as_tensor(state[name]).detach().cpu().contiguous()
         save_file(tensors, os.path.join(save_directory, REGULARIZER_WEIGHTS_NAME))
+        settings = self.settings()
+        if schedule and "optimizer" in settings:
+            settings["optimizer"]["schedule"] = dict(schedule)
         with open(os.path.join(save_directory, REGULARIZER_CONFIG_NAME), "w") as f:
-            json.dump(self.settings(), f, indent=2)
+            json.dump(settings, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> BatchEntropyRegularizer:
@@ -369,6 +400,11 @@ class BatchEntropyRegularizer(nn.Module):
         with open(path) as f:
             settings = json.load(f)
         return {_LEGACY_KEYS.get(key, key): value for key, value in settings.items()}
+
+    @classmethod
+    def read_schedule(cls, directory: str | os.PathLike) -> dict[str, float]:
+        """The schedule state `save_pretrained(..., schedule=...)` wrote into `directory` (`{}` where none was)."""
+        return dict((cls.read_settings(directory).get("optimizer") or {}).get("schedule") or {})
 
     def load_state(self, directory: str | os.PathLike) -> None:
         """Copy the saved `α` into this regularizer's parameter, in place, and its AdamW state into the optimizer

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compat import prompt_learning_config
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TokenLayout", "packed_boundaries"]
@@ -114,14 +116,9 @@ class TokenLayout:
                 decoder = None
             if isinstance(decoder, nn.Module):
                 self.decoder_modules = tuple(name for name, module in model.named_modules() if module is decoder and name)
-        peft_config = getattr(model, "active_peft_config", None) if model is not None else None
-        self.prompt_learning: str | None = None
-        self.virtual_tokens = 0
-        if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
-            peft_type = getattr(peft_config.peft_type, "value", peft_config.peft_type)
-            self.prompt_learning = str(peft_type)
-            if self.prompt_learning in _PREPENDING:
-                self.virtual_tokens = int(peft_config.num_virtual_tokens)
+        prompt = prompt_learning_config(model)
+        self.prompt_learning: str | None = prompt[0] if prompt is not None else None
+        self.virtual_tokens = prompt[1] if prompt is not None and prompt[0] in _PREPENDING else 0
         self._warned: set[str] = set()
 
     def in_decoder(self, name: str) -> bool:

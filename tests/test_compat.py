@@ -3,6 +3,8 @@ installed transformers / accelerate / torch (CI runs this file on the oldest and
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback, get_scheduler
@@ -170,3 +172,173 @@ def test_f_load_best_model_at_end_goes_through_load_best_model(tmp_path):
                             eval_steps=1, load_best_model_at_end=True)
     trainer.train()
     assert len(calls) == 1 and calls[0].rsplit("/", 1)[-1].startswith("checkpoint-")
+
+
+def test_g_events_go_through_the_callback_handler_object(tmp_path):
+    """(g): Trainer calls its events on `self.callback_handler`, so a subclass given to that one object sees each of
+    them, and the user's callback list is untouched."""
+    events = []
+
+    class Recording(type(plain_trainer(tmp_path).callback_handler)):
+        def on_optimizer_step(self, args, state, control):
+            events.append(state.global_step)
+            return super().on_optimizer_step(args, state, control)
+
+    trainer = plain_trainer(tmp_path, max_steps=3)
+    before = list(trainer.callback_handler.callbacks)
+    trainer.callback_handler.__class__ = Recording
+    trainer.train()
+    assert events == [0, 1, 2] and trainer.callback_handler.callbacks == before
+
+
+# --- private reads of the second kind: Trainer's, TRL's, PEFT's, torch's --------------------------------------------
+
+
+def test_prepare_inputs_puts_the_batch_on_the_device_and_twice_is_once(tmp_path):
+    trainer = plain_trainer(tmp_path)
+    batch = {"x": torch.randn(4, 8), "labels": torch.tensor([0, 1, 2, 0])}
+    once = _compat.prepare_inputs(trainer, batch)
+    twice = _compat.prepare_inputs(trainer, once)
+    assert all(v.device == trainer.args.device for v in once.values())
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+
+
+class ReturnsLoss(torch.nn.Module):
+    """A model that returns a loss without labels when asked (`return_loss`, True by default), as CLIP does."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 3)
+
+    def forward(self, x, labels=None, return_loss=True):
+        logits = self.linear(x)
+        return {"loss": logits.pow(2).mean(), "logits": logits} if return_loss else {"logits": logits}
+
+
+@pytest.mark.parametrize(
+    "case", ["labels", "no-labels", "no-label-names", "no-label-names-no-loss", "other-label-name-missing"]
+)
+def test_prediction_uses_compute_loss_is_trainers_own_decision(tmp_path, case):
+    """The copy decides as `Trainer.prediction_step` does: it says yes exactly when that calls `compute_loss`."""
+    calls = []
+
+    class Spy(Trainer):
+        def compute_loss(self, *args, **kwargs):
+            calls.append(True)
+            return super().compute_loss(*args, **kwargs)
+
+    torch.manual_seed(0)
+    x, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 0])
+    overrides = {"label_names": []} if case.startswith("no-label-names") else {}
+    overrides = {"label_names": ["y"]} if case == "other-label-name-missing" else overrides
+    model = ReturnsLoss() if case.startswith("no-label-names") else TinyMLP()
+    trainer = Spy(model=model, args=make_args(tmp_path, plain=True, **overrides))
+    inputs = {"x": x, "labels": labels} if case in ("labels", "other-label-name-missing") else {"x": x}
+    if case == "no-label-names-no-loss":
+        inputs["return_loss"] = False
+    decided = _compat.prediction_uses_compute_loss(trainer, inputs, False, Trainer)
+    trainer.prediction_step(trainer.model, dict(inputs), prediction_loss_only=False)
+    assert decided == bool(calls)
+    assert decided == (case in ("labels", "no-label-names"))
+
+
+def test_prediction_with_generate_or_another_trainers_step_counts_as_compute_loss(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), predict_with_generate=True, report_to="none", use_cpu=True)
+    trainer = Seq2SeqTrainer(model=TinyMLP(), args=args)
+    assert _compat.prediction_uses_compute_loss(trainer, {"x": torch.ones(2, 8)}, False, Seq2SeqTrainer)
+    assert not _compat.prediction_uses_compute_loss(trainer, {"x": torch.ones(2, 8)}, True, Seq2SeqTrainer)
+    assert _compat.prediction_uses_compute_loss(trainer, {"x": torch.ones(2, 8)}, True, type("Other", (Trainer,), {}))
+
+
+def test_trl_packing_and_padding_free_are_where_packs_sequences_reads_them(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
+
+    from conftest import word_tokenizer
+
+    fields = {f.name for f in __import__("dataclasses").fields(trl.SFTConfig)}
+    assert {"packing", "padding_free", "packing_strategy"} <= fields
+    tokenizer = word_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=32, pad_token_id=0, eos_token_id=1))
+    data = Dataset.from_dict({"text": ["the cat sat", "a dog ran on the mat"] * 4})
+    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, max_length=16)
+    # packing with the default "bfd" strategy: SFTTrainer turns padding_free on itself, its config says packing only.
+    packed = trl.SFTTrainer(model=model, args=trl.SFTConfig(packing=True, **common), train_dataset=data,
+                            processing_class=tokenizer)
+    assert packed.padding_free is True and _compat.packs_sequences(packed)
+    plain = trl.SFTTrainer(model=model, args=trl.SFTConfig(**common), train_dataset=data, processing_class=tokenizer)
+    assert plain.padding_free is False and not _compat.packs_sequences(plain)
+    flattening = Trainer(model=TinyMLP(), args=make_args(tmp_path, plain=True), data_collator=DataCollatorWithFlattening())
+    assert _compat.packs_sequences(flattening) and not _compat.packs_sequences(plain_trainer(tmp_path))
+
+
+def test_peft_prompt_learning_config_names_its_method_and_virtual_tokens():
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_bert
+
+    prompt = peft.get_peft_model(tiny_bert(), peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    assert _compat.prompt_learning_config(prompt) == ("PROMPT_TUNING", 3)
+    prefix = peft.get_peft_model(tiny_bert(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    assert _compat.prompt_learning_config(prefix) == ("PREFIX_TUNING", 2)
+    lora = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    assert _compat.prompt_learning_config(lora) is None and _compat.prompt_learning_config(tiny_bert()) is None
+
+
+def test_conv_layers_is_the_base_of_every_convolution():
+    for layer in (torch.nn.Conv1d(1, 1, 1), torch.nn.Conv2d(1, 1, 1), torch.nn.Conv3d(1, 1, 1),
+                  torch.nn.ConvTranspose2d(1, 1, 1), torch.nn.LazyConv2d(1, 1)):
+        assert isinstance(layer, _compat.CONV_LAYERS), type(layer).__name__
+    assert not isinstance(torch.nn.Linear(1, 1), _compat.CONV_LAYERS)
+
+
+def test_trainer_writes_its_model_card_where_model_card_path_says(tmp_path):
+    from conftest import tiny_bert
+
+    trainer = Trainer(model=tiny_bert(), args=make_args(tmp_path, plain=True))
+    trainer.create_model_card(model_name="tiny")
+    path = _compat.model_card_path(trainer.args.output_dir)
+    assert os.path.isfile(path) and "tiny" in open(path, encoding="utf-8").read()
+
+
+def test_h_clip_grad_norm_is_called_once_per_step_before_the_optimizer_events_and_logged(tmp_path):
+    order = []
+
+    class Recording(Trainer):
+        def _clip_grad_norm(self, model):
+            order.append("clip")
+            assert model is self.model_wrapped
+            super()._clip_grad_norm(model)
+            return torch.tensor(123.0)
+
+    class Spy(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            order.append("pre")
+
+    trainer = plain_trainer(tmp_path, Recording, max_steps=2, logging_steps=1, max_grad_norm=1.0)
+    trainer.add_callback(Spy())
+    trainer.train()
+    assert order == ["clip", "pre", "clip", "pre"]
+    assert [h["grad_norm"] for h in trainer.state.log_history if "loss" in h] == [123.0, 123.0]
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e3], ids=["clipped", "below-the-limit"])
+def test_h_the_frontiers_clip_gives_trainers_gradients_and_norm(tmp_path, max_grad_norm):
+    frontier = pytest.importorskip("experiments.frontier.runs")
+    trainer = frontier.VanillaTrainer(model=TinyMLP(), args=make_args(tmp_path, max_grad_norm=max_grad_norm))
+    assert "_clip_grad_norm" in vars(frontier.VanillaTrainer) and hasattr(Trainer, "_clip_grad_norm")
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in trainer.model.parameters()]
+    norms = {}
+    for name, clip in (("trainer", Trainer._clip_grad_norm), ("frontier", frontier.VanillaTrainer._clip_grad_norm)):
+        for p, g in zip(trainer.model.parameters(), grads):
+            p.grad = g.clone()
+        trainer._clip_parameters = None
+        norms[name] = (clip(trainer, trainer.model), [p.grad.clone() for p in trainer.model.parameters()])
+    assert torch.equal(norms["trainer"][0], norms["frontier"][0])
+    assert all(torch.equal(a, b) for a, b in zip(norms["trainer"][1], norms["frontier"][1]))

@@ -190,3 +190,40 @@ def test_the_config_validates_with_the_regularizers_rule(tmp_path, field, value)
     expected = regularizer_error()
     assert config_error() == (None if expected is None else "lbe_" + expected)
     assert (expected is None) == (field == "alpha" and value == -3.0 or value == 0.0)
+
+
+@pytest.mark.parametrize("task_loss", [2.0, -2.0, -1e-3])
+def test_negative_task_loss_still_pulls_each_entropy_towards_its_target(task_loss):
+    """Scaled by the task loss, the term's value is the paper's `β·mean(lbe)·L_task` for every sign, but its gradient
+    with respect to the entropies is weighted by `|L_task|`: a step down the gradient moves every layer's entropy
+    towards its target (one layer below it, one above), and α towards the entropies, for a negative loss as for a
+    positive one; the task's own gradient is scaled by `1 + β·mean(lbe)`, as in the paper."""
+    torch.manual_seed(0)
+    narrow = (0.05 * torch.randn(32, 8)).requires_grad_()
+    wide = (3.0 * torch.randn(32, 8)).requires_grad_()
+    h = batch_entropies([narrow, wide]).detach()
+    assert h[0] < h[1]
+    reg = BatchEntropyRegularizer(2, beta=1.0, alpha=float(h.mean()), alpha_min=0.0)
+    task = torch.tensor(task_loss, requires_grad=True)
+    out = reg([narrow, wide], task)
+    lbe = (h - reg.targets().detach()) ** 2
+    torch.testing.assert_close(out.lbe_loss, lbe.mean() * task.detach())  # the paper's value, sign included
+    grads = torch.autograd.grad(out.loss, [narrow, wide, task, reg.alpha])
+    torch.testing.assert_close(grads[2], 1 + lbe.mean())  # the task's gradient, scaled by 1 + β·mean(lbe) > 0
+    step = 1e-3 / abs(task_loss)
+    moved = batch_entropies([narrow - step * grads[0], wide - step * grads[1]]).detach()
+    targets = reg.targets().detach()
+    assert ((moved - targets).abs() < (h - targets).abs()).all(), (h, moved, targets)
+    # α moves towards the entropies: up for the wide layer's target (below it), down for the narrow one's.
+    assert grads[3][0] > 0 and grads[3][1] < 0
+
+
+def test_without_scaling_by_the_task_loss_the_term_is_added():
+    xs = layers()
+    reg = BatchEntropyRegularizer(3, beta=0.1, alpha=0.5, alpha_min=0.2, scale_by_task_loss=False)
+    for value in (2.0, 0.0, -3.0):
+        task = torch.tensor(value, requires_grad=True)
+        out = reg(xs, task)
+        torch.testing.assert_close(out.lbe_loss, 0.1 * out.lbe_per_layer.mean())
+        torch.testing.assert_close(out.loss, task + 0.1 * out.lbe_per_layer.mean())
+        assert torch.autograd.grad(out.loss, task)[0] == 1.0  # the task's gradient untouched

@@ -77,15 +77,34 @@ def test_tiny_bert_trains_with_lbe_and_logs_metrics(tmp_path):
     assert reg.learning_rate == 0.05
 
 
-def test_lbe_changes_the_updates(tmp_path):
+@pytest.mark.parametrize("alpha", [0.2, 3.0], ids=["alpha-below", "alpha-above"])
+def test_lbe_changes_the_updates(tmp_path, alpha):
+    """The LBE term moves every layer's batch-entropy towards its target α, from either side: after the same steps
+    from the same start, each layer of the regularized run is nearer α than in the plain run (by ≥ 0.05 nats; the
+    entropies start at ~0.66 nats), and moved in α's direction. α is held fixed (its learning rate 0)."""
+    from transformers import default_data_collator
+
+    from hf_batch_entropy import batch_entropies
+
     ds = token_dataset()
+    batch = default_data_collator(ds.rows[:32])
+
+    def entropies(model):
+        model.eval()
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        return batch_entropies(list(out.hidden_states))
+
     runs = {}
     for beta in (0.0, 1.0):
-        trainer = BatchEntropyTrainer(model=tiny_bert(), args=make_args(tmp_path, lbe_beta=beta), train_dataset=ds)
+        args = make_args(tmp_path, lbe_beta=beta, lbe_alpha=alpha, lbe_alpha_learning_rate=0.0)
+        trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=ds)
         trainer.train()
-        runs[beta] = params(trainer.model)
-    diff = max((runs[0.0][n] - runs[1.0][n]).abs().max().item() for n in runs[0.0])
-    assert diff > 1e-6
+        torch.testing.assert_close(trainer.regularizer.alpha.detach(), torch.full((3,), alpha))
+        runs[beta] = entropies(trainer.model)
+    plain, regularized = runs[0.0], runs[1.0]
+    assert ((plain - alpha).abs() - (regularized - alpha).abs() > 0.05).all(), (plain, regularized)
+    assert (torch.sign(regularized - plain) == torch.sign(torch.tensor(alpha) - plain)).all()
 
 
 def test_gradient_accumulation_logs_per_step_losses(tmp_path):
@@ -300,67 +319,6 @@ def test_bad_config_values_are_clear_errors(tmp_path):
 
 
 # --- drop-in: every Trainer path ----------------------------------------------------------------------------------
-
-
-def test_user_optimizer_and_scheduler_see_only_model_parameters(tmp_path):
-    model = tiny_bert()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** step)
-    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha_learning_rate=0.1)
-    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(), optimizers=(optimizer, scheduler))
-    trainer.train()
-    assert [len(g["params"]) for g in optimizer.param_groups] == [len(list(model.parameters()))]
-    # α followed the user's schedule: its last step ran at 0.1 · 0.5³ (steps 0…3).
-    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
-    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 4
-
-
-@pytest.mark.parametrize("how", ["optim", "optimizer_cls_and_kwargs"])
-def test_other_optimizers_train_alpha_with_adamw(tmp_path, how):
-    extra = {"optim": "sgd"} if how == "optim" else {}
-    kwargs = {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 1e-2})} if how != "optim" else {}
-    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05, **extra)
-    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(), **kwargs)
-    trainer.train()
-    assert isinstance(trainer.optimizer.optimizer, torch.optim.SGD)
-    assert isinstance(trainer.regularizer.optimizer, torch.optim.AdamW)
-    assert (trainer.regularizer.alpha.detach() < 2.0).all()
-
-
-def test_alpha_uses_the_model_optimizers_adam_implementation_and_schedule(tmp_path):
-    args = make_args(tmp_path, lbe_beta=0.5, optim="adamw_torch_fused", warmup_steps=2, adam_beta2=0.98, adam_epsilon=1e-7)
-    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
-    trainer.train()
-    group = trainer.regularizer.optimizer.param_groups[0]
-    assert trainer.regularizer.optimizer.defaults["fused"] is True
-    assert group["betas"] == (0.9, 0.98) and group["eps"] == 1e-7
-    # Linear warm-up over 2 steps then decay to 0 at step 4: the last step (3) ran at lr · (4 − 3) / (4 − 2).
-    assert group["lr"] == pytest.approx(1e-3 * 0.5)
-
-
-def test_alpha_steps_once_per_optimizer_step_and_not_on_a_skipped_one(tmp_path, monkeypatch):
-    args = make_args(tmp_path, lbe_beta=0.5, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_steps=4)
-    trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())
-    skipped = {2}  # the third optimizer step overflows, as an fp16 step can
-
-    class Accelerator(type(trainer.accelerator)):
-        @property
-        def optimizer_step_was_skipped(self):
-            return trainer.state.global_step in skipped
-
-    monkeypatch.setattr(trainer.accelerator, "__class__", Accelerator)
-    alphas = []
-
-    class Record(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            alphas.append(trainer.regularizer.alpha.detach().clone())
-            assert trainer.regularizer.alpha.grad is None  # cleared after each step, skipped or not
-
-    trainer.add_callback(Record())
-    trainer.train()
-    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 3
-    torch.testing.assert_close(alphas[2], alphas[1], rtol=0, atol=0)
-    assert not torch.equal(alphas[1], alphas[0]) and not torch.equal(alphas[3], alphas[2])
 
 
 def test_plain_trainer_checkpoint_continues_with_lbe(tmp_path, caplog):
@@ -737,47 +695,6 @@ def test_checkpointed_lbe_gradient_is_the_non_checkpointed_one(tmp_path, source,
     assert_same_params(grads[True], grads[False], rtol=1e-5, atol=1e-7)
 
 
-def test_alpha_rate_with_a_user_optimizer_and_plateau_schedule_is_its_own(tmp_path):
-    """α's factor follows the model optimizer's relative change (1 here), never lr / args.learning_rate (×200)."""
-    model = tiny_bert()
-    args = make_args(tmp_path, lbe_beta=0.5, learning_rate=5e-5, lbe_alpha_learning_rate=1e-3,
-                     lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=2)
-    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(), eval_dataset=token_dataset(n=8),
-                                  optimizers=(torch.optim.AdamW(model.parameters(), lr=1e-2), None))
-    trainer.train()
-    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
-    # After the plateau scheduler halves the model's rate, α's rate is halved too.
-    trainer.optimizer.param_groups[0]["lr"] = 5e-3
-    assert trainer._lr_factor() == pytest.approx(0.5)
-
-
-def test_alpha_moves_with_adafactors_relative_steps(tmp_path):
-    from transformers.optimization import Adafactor, AdafactorSchedule
-
-    model = tiny_bert()
-    optimizer = Adafactor(model.parameters(), lr=None, relative_step=True, warmup_init=True, scale_parameter=True)
-    args = make_args(tmp_path, lbe_beta=0.5, lbe_alpha=2.0, lbe_alpha_learning_rate=0.05)
-    trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=token_dataset(),
-                                  optimizers=(optimizer, AdafactorSchedule(optimizer)))
-    trainer.train()
-    assert trainer.regularizer.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)  # warming up: factor 1
-    assert (trainer.regularizer.alpha.detach() < 2.0 - 0.05).all()  # α moved at its own rate (4 steps of ~0.05)
-
-
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
-def test_lr_factor_is_lambda_or_initial_lr_ratio_for_torch_schedulers(tmp_path):
-    model = tiny_bert()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.25, total_iters=4)
-    trainer = BatchEntropyTrainer(model=model, args=make_args(tmp_path), train_dataset=token_dataset(),
-                                  optimizers=(optimizer, scheduler))
-    trainer.create_optimizer_and_scheduler(num_training_steps=4)
-    assert trainer._lr_factor() == pytest.approx(0.25)  # the warm-up's own factor, as λ for LambdaLR
-    scheduler.step()
-    assert trainer._lr_factor() == pytest.approx(0.25 + 0.75 / 4)
-
-
 def test_resume_true_without_a_checkpoint_raises_like_trainer(tmp_path):
     trainer = BatchEntropyTrainer(model=tiny_bert(), args=make_args(tmp_path, lbe_beta=0.5), train_dataset=token_dataset())
     with pytest.raises(ValueError, match="No valid checkpoint found"):
@@ -824,3 +741,189 @@ def test_trainer_uses_the_estimators_pooling_rule(tmp_path, monkeypatch):
         trainer._check_batch_size()
     monkeypatch.setattr(entropy, "_sync_active", lambda sync: sync)  # as in a group of several processes
     trainer._check_batch_size()
+
+
+# --- Trainer's own contract -------------------------------------------------------------------------------------------
+
+
+class TwoScalars(nn.Module):
+    """y = a·x + b: two scalar parameters and no module at all, so nothing LBE could measure (no hidden states, no
+    activation, Linear or Conv module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.0))
+        self.b = nn.Parameter(torch.tensor(0.0))
+        self.forwards = 0
+
+    def forward(self, input_x, labels=None):
+        self.forwards += 1
+        y = self.a * input_x + self.b
+        return {"loss": nn.functional.mse_loss(y, labels), "y": y} if labels is not None else {"y": y}
+
+
+from transformers import PretrainedConfig, PreTrainedModel  # noqa: E402
+
+
+class TwoScalarsPreTrained(PreTrainedModel):
+    """The same as a Transformers model whose forward takes `**kwargs` (so `output_hidden_states` too, which it ignores):
+    only a forward could tell that it returns no hidden states, but it has no layer that could have any."""
+
+    config_class = PretrainedConfig
+
+    def __init__(self, config=None):
+        super().__init__(config or PretrainedConfig())
+        self.a = nn.Parameter(torch.tensor(0.0))
+        self.b = nn.Parameter(torch.tensor(0.0))
+        self.forwards = 0
+
+    def forward(self, input_x, labels=None, **kwargs):
+        self.forwards += 1
+        y = self.a * input_x + self.b
+        return (nn.functional.mse_loss(y, labels), y) if labels is not None else (y,)
+
+
+def line_dataset(n=24):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g)
+    return DictDataset([{"input_x": x[i], "labels": 2.0 * x[i] + 3.0 + 0.1 * torch.randn((), generator=g)} for i in range(n)])
+
+
+@pytest.mark.parametrize("model_cls", [TwoScalars, TwoScalarsPreTrained])
+@pytest.mark.parametrize("batch_size", [4, 1])
+def test_beta_zero_with_nothing_to_measure_trains_evaluates_and_predicts_exactly_like_trainer(tmp_path, batch_size,
+                                                                                            model_cls):
+    data = line_dataset()
+    unlabelled = DictDataset([{"input_x": r["input_x"]} for r in data.rows])
+    common = dict(per_device_train_batch_size=batch_size, max_steps=6, logging_steps=2, learning_rate=0.1,
+                  eval_strategy="steps", eval_steps=3)
+    runs = {}
+    for name, trainer_cls, extra in (("plain", Trainer, {"plain": True}), ("ours", BatchEntropyTrainer, {"lbe_beta": 0.0,
+                                                                                                        "lbe_eval_entropy": True})):
+        torch.manual_seed(0)
+        trainer = trainer_cls(model=model_cls(), args=make_args(tmp_path / name, **common, **extra), train_dataset=data,
+                              eval_dataset=data)
+        trainer.train()
+        history = [{k: v for k, v in h.items() if not k.endswith(("runtime", "per_second"))} for h in trainer.state.log_history]
+        predicted = trainer.predict(unlabelled)
+        runs[name] = (history, params(trainer.model), predicted.predictions, trainer.evaluate(), trainer.model.forwards)
+    plain, ours = runs["plain"], runs["ours"]
+    assert ours[0] == plain[0]  # the same logs, key for key: no LBE metric where nothing is measured
+    assert_same_params(ours[1], plain[1], rtol=0, atol=0)
+    np.testing.assert_array_equal(ours[2], plain[2])
+    assert {k: v for k, v in ours[3].items() if "runtime" not in k and "per_second" not in k} == {
+        k: v for k, v in plain[3].items() if "runtime" not in k and "per_second" not in k}
+    assert ours[4] == plain[4]  # the same forwards, none of its own
+
+
+@pytest.mark.parametrize("model_cls", [TwoScalars, TwoScalarsPreTrained])
+def test_beta_positive_with_nothing_to_measure_is_an_error_when_train_starts(tmp_path, model_cls):
+    """The error comes from the model's structure before training begins: no forward, no `on_train_begin`."""
+    began = []
+
+    class Began(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            began.append(True)
+
+    model = model_cls()
+    trainer = BatchEntropyTrainer(model=model, args=make_args(tmp_path, lbe_beta=0.1), train_dataset=line_dataset(),
+                                  callbacks=[Began()])
+    with pytest.raises(ValueError, match=f"{model_cls.__name__} returns no hidden states and has no activation, Linear or Conv"):
+        trainer.train()
+    assert model.forwards == 0 and not began
+    targets = BatchEntropyTrainer(model=TinyMLP(), args=make_args(tmp_path, lbe_beta=0.1, lbe_target_modules=["nope"]),
+                                  train_dataset=vector_dataset(), callbacks=[Began()])
+    with pytest.raises(ValueError, match="matches no module of TinyMLP"):
+        targets.train()
+    assert not began
+
+
+def test_the_alpha_step_is_not_a_callback_in_the_users_list(tmp_path):
+    from transformers import DefaultFlowCallback, PrinterCallback
+
+    class Mine(TrainerCallback):
+        pass
+
+    mine = Mine()
+    plain = Trainer(model=tiny_bert(), args=make_args(tmp_path, plain=True), callbacks=[mine])
+    trainer = BatchEntropyTrainer(model=tiny_bert(), args=make_args(tmp_path, lbe_beta=0.5),
+                                  train_dataset=token_dataset(), callbacks=[mine])
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [type(c) for c in plain.callback_handler.callbacks]
+    assert trainer.pop_callback(Mine) is mine and trainer.pop_callback(Mine) is None
+    # A user who removes every callback they can see (but the flow) still trains α once per optimizer step.
+    for callback in list(trainer.callback_handler.callbacks):
+        if not isinstance(callback, DefaultFlowCallback):
+            trainer.remove_callback(type(callback))
+    assert [type(c) for c in trainer.callback_handler.callbacks] == [DefaultFlowCallback]
+    trainer.add_callback(PrinterCallback)
+    trainer.train()
+    assert trainer.regularizer.optimizer.state[trainer.regularizer.alpha]["step"] == 4
+
+
+class RecordsBatches(TinyMLP):
+    """A forward with a side effect: it records the first feature of every batch it sees (as a buffer would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, labels=None):
+        self.seen.append([round(v, 6) for v in x[:, 0].tolist()])
+        return super().forward(x, labels)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_a_forward_with_side_effects_sees_exactly_trainers_calls_also_after_a_resume(tmp_path, beta):
+    data = vector_dataset(n=32)
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, per_device_train_batch_size=8,
+                  eval_strategy="steps", eval_steps=3)
+    seen = {}
+    for name, trainer_cls, extra in (("plain", Trainer, {"plain": True}),
+                                     ("ours", BatchEntropyTrainer, {"lbe_beta": beta, "lbe_eval_entropy": True})):
+        torch.manual_seed(0)
+        first = trainer_cls(model=RecordsBatches(), args=make_args(tmp_path / name, **common, **extra),
+                            train_dataset=data, eval_dataset=data)
+        first.train()
+        torch.manual_seed(1)
+        resumed = trainer_cls(model=RecordsBatches(), args=make_args(tmp_path / name, **common, **extra),
+                              train_dataset=data, eval_dataset=data)
+        resumed.train(resume_from_checkpoint=str(tmp_path / name / "out" / "checkpoint-3"))
+        seen[name] = (first.model.seen, resumed.model.seen)
+    assert seen["ours"] == seen["plain"]
+    assert len(seen["ours"][0]) == 6 + 2 * 4 and len(seen["ours"][1]) == 3 + 4  # steps and evaluation batches
+
+
+def test_a_resumed_run_whose_only_batch_left_holds_one_example_trains_it_without_the_guard(tmp_path, caplog):
+    data = token_dataset(n=9)  # an epoch: a batch of 8, then a batch of 1
+    args = make_args(tmp_path, lbe_beta=0.1, num_train_epochs=1, max_steps=-1, save_strategy="steps", save_steps=1)
+    BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=data).train()
+    resumed = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=data)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    assert resumed.state.global_step == 2
+    assert sum("single example" in r.getMessage() for r in caplog.records) == 1
+    # A run in which every batch holds one sequence is still an error (packed rows of one sequence: test_tokens).
+
+
+class ReentrantMLP(TinyMLP):
+    """The hooked Linear/Tanh modules run inside reentrant activation checkpointing, under no_grad: LBE could not
+    train them (an error with lbe_beta > 0), but at lbe_beta = 0 nothing needs training."""
+
+    def forward(self, x, labels=None):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True) if self.training else block(h)
+        logits = self.head(h)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_beta_zero_with_nothing_measurable_under_reentrant_checkpointing_trains_like_trainer(tmp_path):
+    runs = {}
+    for name, trainer_cls, extra in (("plain", Trainer, {"plain": True}), ("ours", BatchEntropyTrainer, {"lbe_beta": 0.0})):
+        torch.manual_seed(0)
+        trainer = trainer_cls(model=ReentrantMLP(), args=make_args(tmp_path / name, **extra), train_dataset=vector_dataset())
+        trainer.train()
+        runs[name] = (losses(trainer), params(trainer.model))
+    assert runs["ours"][0] == runs["plain"][0]
+    assert_same_params(runs["ours"][1], runs["plain"][1], rtol=0, atol=0)
