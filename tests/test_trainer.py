@@ -927,3 +927,16 @@ def test_beta_zero_with_nothing_measurable_under_reentrant_checkpointing_trains_
         runs[name] = (losses(trainer), params(trainer.model))
     assert runs["ours"][0] == runs["plain"][0]
     assert_same_params(runs["ours"][1], runs["plain"][1], rtol=0, atol=0)
+
+
+def test_a_stop_gradient_branch_through_hooked_modules_is_left_out_not_an_error(tmp_path):
+    class StopGradient(TinyMLP):
+        def forward(self, x, labels=None):
+            with torch.no_grad():
+                self.blocks[0](self.stem(x))  # e.g. a target computed from the same layers, without gradients
+            return super().forward(x, labels)
+
+    trainer = BatchEntropyTrainer(model=StopGradient(), args=make_args(tmp_path, lbe_beta=0.5), train_dataset=vector_dataset())
+    trainer.train()
+    assert trainer.regularizer.layer_names == [f"blocks.{i}.1" for i in range(3)]
+    assert all(h["lbe_loss"] > 0 for h in trainer.state.log_history if "lbe_loss" in h)
