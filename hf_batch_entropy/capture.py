@@ -543,7 +543,8 @@ class ForwardHookCapture:
 
     def discard(self) -> None:
         """Forget what the last `capturing()` block recorded, errors included."""
-        self._activations, self._names, self._calls, self._left_out, self._block, self._error = [], [], {}, 0, False, None
+        self._activations, self._names, self._calls = [], [], {}
+        self._left_out, self._block, self._error = 0, False, None
 
     @staticmethod
     def restore(outputs: Any, keep_hidden_states: bool = False) -> Any:
@@ -674,10 +675,11 @@ def select_capture(
     else:
         capture = ForwardHookCapture(resolve_target_modules(model, target_modules), model)
         if target_modules is None:
+            chosen = default_target_modules(model)
+            kind = "activation modules" if any(_is_activation_module(m) for _, m in chosen) else "Linear/Conv layers"
             logger.warning(
-                f"{type(model).__name__} returns no hidden states: regularizing its "
-                f"{'activation modules' if any(_is_activation_module(m) for _, m in default_target_modules(model)) else 'Linear/Conv layers'} "
-                "(set lbe_target_modules to choose)."
+                f"{type(model).__name__} returns no hidden states: regularizing the outputs of its {kind} "
+                f"({_describe([name for name, _ in chosen])}; set lbe_target_modules to choose)."
             )
     if probe is None:
         return capture

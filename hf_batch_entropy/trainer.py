@@ -92,9 +92,10 @@ class BatchEntropyMixin:
     `GRPOTrainer`, `RLOOTrainer`, `RewardTrainer` and `DistillationTrainer`: the policy's (student's) training forward
     is measured; a reference, KL or teacher forward, generation and metrics forwards are not.
 
-    Same constructor (keywords and positional order) and behaviour as that trainer; `args` carries the `lbe_*` fields (`BatchEntropyConfig`,
-    `BatchEntropySeq2SeqConfig`, or `batch_entropy_config(YourArgs)`); arguments without them are upgraded with the
-    default `lbe_*` settings. With `lbe_beta=0` the losses and updates are exactly the base trainer's.
+    Same constructor (keywords and positional order) and behaviour as that trainer; `args` carries the `lbe_*`
+    fields (`BatchEntropyConfig`, `BatchEntropySeq2SeqConfig`, or `batch_entropy_config(YourArgs)`); arguments without
+    them are upgraded with the default `lbe_*` settings. With `lbe_beta=0` the losses and updates are exactly the base
+    trainer's.
 
     Attributes:
         regularizer: the `BatchEntropyRegularizer` (its `alpha` has one entry per regularized layer, its `optimizer`

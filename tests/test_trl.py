@@ -201,3 +201,21 @@ def test_dpo_reference_forward_of_a_peft_model_is_not_measured(tmp_path, targets
     expected = HIDDEN if targets is None else [f"base_model.model.model.layers.{i}.mlp.act_fn" for i in range(2)]
     assert trainer.regularizer.layer_names == expected
     assert all(h["lbe_loss"] != 0 for h in trainer.state.log_history if "lbe_loss" in h)
+
+
+def test_constructors_take_the_trl_trainers_keywords_and_plain_configs(tmp_path):
+    """Keywords as TRL names them, and TRL's own config classes (upgraded with the default lbe_* settings): the
+    reference model stays the reference model, the reward functions stay the reward functions."""
+    tokenizer = word_tokenizer()
+    model, ref = tiny_llama(tokenizer), tiny_llama(tokenizer, seed=1)
+    DPOWithLBE = type("DPOWithLBE", (BatchEntropyMixin, trl.DPOTrainer), {})
+    data = datasets.Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    plain = config(trl.DPOTrainer, tmp_path, lbe=False)
+    trainer = DPOWithLBE(ref_model=ref, model=model, args=plain, train_dataset=data, processing_class=tokenizer)
+    assert trainer.ref_model is ref and isinstance(trainer.args, trl.DPOConfig) and trainer.args.lbe_beta == 0.5
+    assert trainer.args.output_dir == plain.output_dir
+    GRPOWithLBE = type("GRPOWithLBE", (BatchEntropyMixin, trl.GRPOTrainer), {})
+    args = config(trl.GRPOTrainer, tmp_path, beta=0.0)
+    trainer = GRPOWithLBE(model=model, reward_funcs=reward_len, args=args,
+                          train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    assert trainer.reward_funcs == [reward_len] and trainer.args is args
