@@ -184,7 +184,9 @@ class _ForwardWatch:
 
     The measured forward is the first call of `model` in the block that computes gradients when the block was entered
     with gradients (a training step: a reference, KL or metrics forward under `no_grad`, before or after it, is not
-    it), else the first call. Calls of `model` inside its own forward belong to the outer one. `nn.DataParallel`'s
+    it). In a block without gradients (evaluation, where every call is without them) it is the call at the place the
+    measured one had in the last training block (TRL's KTO runs its KL forward first: the policy's is the second),
+    the first before any training. Calls of `model` inside its own forward belong to the outer one. `nn.DataParallel`'s
     replicas share `model`'s hooks but are other objects: they are not tracked (`state()` is `None` there, as outside
     any forward).
 
@@ -213,6 +215,8 @@ class _ForwardWatch:
         self.inner_inputs: dict[str, Any] | None = None
         self._active = self._grad = self._current = self._done = False
         self._depth = 0
+        self._calls = 0  # calls of the model in this block
+        self._index = 0  # which call the measured forward was in the last block with gradients
         self._handles = [
             model.register_forward_pre_hook(self._enter, with_kwargs=True),
             model.register_forward_hook(self._leave, always_call=True),
@@ -223,7 +227,7 @@ class _ForwardWatch:
     def begin(self, grad_enabled: bool) -> None:
         self._active, self._grad = True, grad_enabled
         self._current = self._done = False
-        self._depth = 0
+        self._depth = self._calls = 0
         self.inputs = self.inner_inputs = None
 
     def end(self) -> None:
@@ -247,7 +251,13 @@ class _ForwardWatch:
             return self._inner_call(args, kwargs) if self.inner is self.model else None
         self._depth += 1
         if self._depth == 1:
-            self._current = not self._done and (torch.is_grad_enabled() or not self._grad)
+            if self._grad:
+                self._current = not self._done and torch.is_grad_enabled()
+                if self._current:
+                    self._index = self._calls
+            else:
+                self._current = not self._done and self._calls == self._index
+            self._calls += 1
             if self._current:
                 self.inputs = dict(kwargs)
         return self._inner_call(args, kwargs) if self.inner is self.model else None

@@ -156,7 +156,7 @@ def test_select_capture_falls_back_to_hooks_for_a_forward_without_output_hidden_
 def test_hooks_measure_the_forward_with_gradients_and_keep_its_inputs():
     """A block with gradients measures the model's first forward that has them (a no-grad forward before or after it,
     a reference or metrics forward, is left out), and `inputs_seen` gives the keywords that forward got; a block
-    without gradients (evaluation) measures the first forward."""
+    without gradients (evaluation) measures the forward at the same place (the first before any training)."""
     torch.manual_seed(0)
     model = TinyMLP(depth=2)
     capture = ForwardHookCapture(resolve_target_modules(model, None), model)
@@ -174,10 +174,18 @@ def test_hooks_measure_the_forward_with_gradients_and_keep_its_inputs():
     assert seen["x"] is second and seen["labels"] == 1  # the measured forward's inputs, the batch's for the rest
     with torch.no_grad(), capture.capturing():
         model(x=first)
-        model(x=second)
+        model(x=second)  # the second call, as in training
+        model(x=first)
     acts, layer_names = capture.collect()
-    assert layer_names == ["blocks.0.1", "blocks.1.1"] and acts[0].shape[0] == 4
+    assert layer_names == ["blocks.0.1", "blocks.1.1"] and acts[0].shape[0] == 6
     capture.remove()
+    fresh = ForwardHookCapture(resolve_target_modules(model, None), model)
+    with torch.no_grad(), fresh.capturing():
+        model(x=first)
+        model(x=second)
+    acts, layer_names = fresh.collect()
+    assert layer_names == ["blocks.0.1", "blocks.1.1"] and acts[0].shape[0] == 4  # before any training: the first
+    fresh.remove()
 
 
 def test_hidden_states_come_from_the_forward_with_gradients():

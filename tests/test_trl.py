@@ -219,3 +219,28 @@ def test_constructors_take_the_trl_trainers_keywords_and_plain_configs(tmp_path)
     trainer = GRPOWithLBE(model=model, reward_funcs=reward_len, args=args,
                           train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
     assert trainer.reward_funcs == [reward_len] and trainer.args is args
+
+
+@pytest.mark.parametrize("trainer_cls", [trl.DPOTrainer, trl.KTOTrainer], ids=lambda c: c.__name__)
+def test_evaluation_measures_the_policys_forward(tmp_path, trainer_cls):
+    """With lbe_eval_entropy, evaluation (every forward without gradients) measures the forward at the place the
+    training step measured: the policy's, not KTO's KL forward that runs before it (other completions, other
+    lengths), nor DPO's reference forward."""
+    trainer, _ = build(trainer_cls, tmp_path, lbe_eval_entropy=True)
+    trainer.eval_dataset = trainer.train_dataset
+    trainer.train()
+    shapes, measured = [], []
+    compute_loss, measure = trainer.compute_loss, trainer._measure_eval
+
+    def recording_loss(model, inputs, *args, **kwargs):
+        shapes.append(tuple(inputs["input_ids"].shape))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    def recording_measure(activations, masks):
+        measured.append(tuple(activations[0].shape[:2]))
+        return measure(activations, masks)
+
+    trainer.compute_loss, trainer._measure_eval = recording_loss, recording_measure
+    metrics = trainer.evaluate()
+    assert measured and measured == shapes
+    assert metrics["eval_batch_entropy_mean"] > 0
