@@ -184,7 +184,9 @@ class _ForwardWatch:
 
     The measured forward is the first call of `model` in the block that computes gradients when the block was entered
     with gradients (a training step: a reference, KL or metrics forward under `no_grad`, before or after it, is not
-    it), else the first call. Calls of `model` inside its own forward belong to the outer one. `nn.DataParallel`'s
+    it). In a block without gradients (evaluation, where every call is without them) it is the call at the place the
+    measured one had in the last training block (TRL's KTO runs its KL forward first: the policy's is the second),
+    the first before any training. Calls of `model` inside its own forward belong to the outer one. `nn.DataParallel`'s
     replicas share `model`'s hooks but are other objects: they are not tracked (`state()` is `None` there, as outside
     any forward).
 
@@ -213,6 +215,8 @@ class _ForwardWatch:
         self.inner_inputs: dict[str, Any] | None = None
         self._active = self._grad = self._current = self._done = False
         self._depth = 0
+        self._calls = 0  # calls of the model in this block
+        self._index = 0  # which call the measured forward was in the last block with gradients
         self._handles = [
             model.register_forward_pre_hook(self._enter, with_kwargs=True),
             model.register_forward_hook(self._leave, always_call=True),
@@ -223,7 +227,7 @@ class _ForwardWatch:
     def begin(self, grad_enabled: bool) -> None:
         self._active, self._grad = True, grad_enabled
         self._current = self._done = False
-        self._depth = 0
+        self._depth = self._calls = 0
         self.inputs = self.inner_inputs = None
 
     def end(self) -> None:
@@ -247,7 +251,13 @@ class _ForwardWatch:
             return self._inner_call(args, kwargs) if self.inner is self.model else None
         self._depth += 1
         if self._depth == 1:
-            self._current = not self._done and (torch.is_grad_enabled() or not self._grad)
+            if self._grad:
+                self._current = not self._done and torch.is_grad_enabled()
+                if self._current:
+                    self._index = self._calls
+            else:
+                self._current = not self._done and self._calls == self._index
+            self._calls += 1
             if self._current:
                 self.inputs = dict(kwargs)
         return self._inner_call(args, kwargs) if self.inner is self.model else None
@@ -543,7 +553,8 @@ class ForwardHookCapture:
 
     def discard(self) -> None:
         """Forget what the last `capturing()` block recorded, errors included."""
-        self._activations, self._names, self._calls, self._left_out, self._block, self._error = [], [], {}, 0, False, None
+        self._activations, self._names, self._calls = [], [], {}
+        self._left_out, self._block, self._error = 0, False, None
 
     @staticmethod
     def restore(outputs: Any, keep_hidden_states: bool = False) -> Any:
@@ -674,10 +685,11 @@ def select_capture(
     else:
         capture = ForwardHookCapture(resolve_target_modules(model, target_modules), model)
         if target_modules is None:
+            chosen = default_target_modules(model)
+            kind = "activation modules" if any(_is_activation_module(m) for _, m in chosen) else "Linear/Conv layers"
             logger.warning(
-                f"{type(model).__name__} returns no hidden states: regularizing its "
-                f"{'activation modules' if any(_is_activation_module(m) for _, m in default_target_modules(model)) else 'Linear/Conv layers'} "
-                "(set lbe_target_modules to choose)."
+                f"{type(model).__name__} returns no hidden states: regularizing the outputs of its {kind} "
+                f"({_describe([name for name, _ in chosen])}; set lbe_target_modules to choose)."
             )
     if probe is None:
         return capture

@@ -244,8 +244,9 @@ class BatchEntropyRegularizer(nn.Module):
                 entropies then leave padding out (`batch_entropies`).
 
         Returns:
-            An `LBEOutput` whose `loss` is `L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task` (the entropies'
-            gradient weighted by `|L_task|`; without `scale_by_task_loss`, `L_task + β·mean_l(...)`), the mean over the
+            An `LBEOutput` whose `loss` is `L_task + β·mean_l((H_l − max(α_min, |α_l|))²)·L_task` (the
+            entropies' gradient weighted by `|L_task|`; without `scale_by_task_loss`, `L_task + β·mean_l(...)`),
+            the mean over the
             layers that have a batch-entropy this step (a masked layer without two real tokens at any position has
             none: its `lbe_per_layer` is 0 and it is left out; with none left the loss is `L_task`). `measured` says
             which layers counted.

@@ -10,7 +10,8 @@ It only glues the pieces into `Trainer`'s hooks:
 
 - `compute_loss`: the task loss as `Trainer` computes it (label smoothing, `compute_loss_func`, `num_items_in_batch`
   included), captured activations → the batch's sequences and real tokens (`tokens.TokenLayout`: padded, packed or
-  with virtual tokens) → entropies → `L_task · (1 + β·mean_l lbe_l)`. The first call chooses where the activations
+  with virtual tokens) → entropies → `L_task · (1 + β·mean_l lbe_l)` (or `L_task + β·mean_l lbe_l`; see
+  `regularizer.py` for losses that are zero or negative). The first call chooses where the activations
   come from (`capture.select_capture`, at the first forward the trainer runs, never a forward of its own); the
   forward measured is the one with gradients, masked with the inputs it got; the first training call
   builds the `BatchEntropyRegularizer`, by then on the model's device and after any wrapping (DDP, FSDP2,
@@ -87,9 +88,14 @@ class BatchEntropyMixin:
     """Adds layerwise batch-entropy regularization (LBE) to the training loss of the `Trainer` subclass it is mixed
     into (list it first: `class T(BatchEntropyMixin, SomeTrainer)`).
 
-    Same constructor and behaviour as that trainer; `args` carries the `lbe_*` fields (`BatchEntropyConfig`,
-    `BatchEntropySeq2SeqConfig`, or `batch_entropy_config(YourArgs)`); arguments without them are upgraded with the
-    default `lbe_*` settings. With `lbe_beta=0` the losses and updates are exactly the base trainer's.
+    Tested with transformers' `Trainer` and `Seq2SeqTrainer` and TRL's `SFTTrainer`, `DPOTrainer`, `KTOTrainer`,
+    `GRPOTrainer`, `RLOOTrainer`, `RewardTrainer` and `DistillationTrainer`: the policy's (student's) training forward
+    is measured; a reference, KL or teacher forward, generation and metrics forwards are not.
+
+    Same constructor (keywords and positional order) and behaviour as that trainer; `args` carries the `lbe_*`
+    fields (`BatchEntropyConfig`, `BatchEntropySeq2SeqConfig`, or `batch_entropy_config(YourArgs)`); arguments without
+    them are upgraded with the default `lbe_*` settings. With `lbe_beta=0` the losses and updates are exactly the base
+    trainer's.
 
     Attributes:
         regularizer: the `BatchEntropyRegularizer` (its `alpha` has one entry per regularized layer, its `optimizer`

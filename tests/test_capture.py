@@ -151,3 +151,83 @@ def test_select_capture_falls_back_to_hooks_for_a_forward_without_output_hidden_
     capture, acts, names = select_capture(model, None, _probe_with(model, {"input_ids": torch.randint(4, 64, (3, 7))}))
     assert capture.source == "forward_hooks" and names and all("act" in n for n in names)
     capture.remove()
+
+
+def test_hooks_measure_the_forward_with_gradients_and_keep_its_inputs():
+    """A block with gradients measures the model's first forward that has them (a no-grad forward before or after it,
+    a reference or metrics forward, is left out), and `inputs_seen` gives the keywords that forward got; a block
+    without gradients (evaluation) measures the forward at the same place (the first before any training)."""
+    torch.manual_seed(0)
+    model = TinyMLP(depth=2)
+    capture = ForwardHookCapture(resolve_target_modules(model, None), model)
+    first, second = torch.randn(4, 8), torch.randn(6, 8)
+    with capture.capturing():
+        with torch.no_grad():
+            model(x=first)  # e.g. a KL or reference forward before the policy's
+        model(x=second)
+        with torch.no_grad():
+            model(x=first)  # e.g. a metrics forward after it
+    seen = capture.inputs_seen({"x": first, "labels": 1})
+    acts, layer_names = capture.collect()
+    assert layer_names == ["blocks.0.1", "blocks.1.1"]  # once each: one forward measured
+    assert all(a.requires_grad and a.shape[0] == 6 for a in acts)
+    assert seen["x"] is second and seen["labels"] == 1  # the measured forward's inputs, the batch's for the rest
+    with torch.no_grad(), capture.capturing():
+        model(x=first)
+        model(x=second)  # the second call, as in training
+        model(x=first)
+    acts, layer_names = capture.collect()
+    assert layer_names == ["blocks.0.1", "blocks.1.1"] and acts[0].shape[0] == 6
+    capture.remove()
+    fresh = ForwardHookCapture(resolve_target_modules(model, None), model)
+    with torch.no_grad(), fresh.capturing():
+        model(x=first)
+        model(x=second)
+    acts, layer_names = fresh.collect()
+    assert layer_names == ["blocks.0.1", "blocks.1.1"] and acts[0].shape[0] == 4  # before any training: the first
+    fresh.remove()
+
+
+def test_hidden_states_come_from_the_forward_with_gradients():
+    model = tiny_bert()
+    capture = HiddenStatesCapture(model)
+    ids = torch.randint(4, 64, (3, 7))
+    with capture.capturing():
+        with torch.no_grad():
+            model(**capture.prepare_inputs({"input_ids": ids[:2]}))
+        outputs = model(input_ids=ids)  # keywords built by the caller: asked for its hidden states by the hook
+        with torch.no_grad():
+            late = model(**capture.prepare_inputs({"input_ids": ids[:1]}))
+    acts, layer_names = capture.collect(late)
+    assert layer_names == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    assert all(a.requires_grad and a.shape[0] == 3 for a in acts)
+    assert outputs.hidden_states is not None
+    capture.remove()
+
+
+def test_a_stop_gradient_branch_is_left_out_and_reentrant_checkpointing_is_an_error():
+    class StopGradient(TinyMLP):
+        def forward(self, x, labels=None):
+            with torch.no_grad():
+                self.blocks[0](self.stem(x))  # a stop-gradient branch through a hooked module
+            return super().forward(x, labels)
+
+    model = StopGradient(depth=2)
+    capture = ForwardHookCapture(resolve_target_modules(model, None), model)
+    with capture.capturing():
+        model(x=torch.randn(4, 8))
+    assert capture.collect()[1] == ["blocks.0.1", "blocks.1.1"]
+
+    class Checkpointed(TinyMLP):
+        def forward(self, x, labels=None):
+            h = self.stem(x)
+            for block in self.blocks:
+                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True)
+            return {"logits": self.head(h)}
+
+    model = Checkpointed(depth=2)
+    capture = ForwardHookCapture(resolve_target_modules(model, None), model)
+    with capture.capturing():
+        model(x=torch.randn(4, 8, requires_grad=True))
+    with pytest.raises(RuntimeError, match="blocks.0.1.*without gradients.*use_reentrant': False"):
+        capture.collect()

@@ -189,3 +189,44 @@ def test_lora_regularizes_the_base_models_hidden_states_and_saves_an_ordinary_ad
     model.eval()
     batch = {"input_ids": torch.randint(4, 64, (3, 10))}
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def _with_decoder_inputs(ds: DictDataset) -> DictDataset:
+    """The rows with `decoder_input_ids` (the labels shifted right, as T5 builds them), so that the model can run
+    without labels: Trainer pops them for label smoothing or a compute_loss_func."""
+    rows = []
+    for row in ds.rows:
+        labels = row["labels"]
+        shifted = torch.cat([torch.zeros(1, dtype=torch.long), labels[:-1]]).masked_fill(
+            torch.cat([torch.zeros(1, dtype=torch.bool), labels[:-1] == -100]), 0)
+        rows.append({**row, "decoder_input_ids": shifted})
+    return DictDataset(rows)
+
+
+def _t5_cross_entropy(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("targets", [None, ["DenseReluDense.act"]], ids=["hidden_states", "hooks"])
+def test_label_smoothing_or_compute_loss_func_does_not_change_which_decoder_positions_count(tmp_path, targets):
+    """Trainer pops `labels` from the batch for label smoothing or a compute_loss_func; the decoder's padding is still
+    told by them (labels == -100), so the first step's entropies (same model, same batch) are those of a plain run."""
+    ds = _with_decoder_inputs(copy_task())
+    first = {}
+    for how in ("plain", "label_smoothing_factor", "compute_loss_func"):
+        args = BatchEntropySeq2SeqConfig(
+            output_dir=str(tmp_path / how), per_device_train_batch_size=8, learning_rate=1e-3, max_steps=1,
+            logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, lbe_beta=0.5,
+            lbe_log_per_layer=True, lbe_target_modules=targets,
+            **({"label_smoothing_factor": 0.1} if how == "label_smoothing_factor" else {}),
+        )
+        extra = {"compute_loss_func": _t5_cross_entropy} if how == "compute_loss_func" else {}
+        trainer = BatchEntropySeq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=ds, **extra)
+        trainer.train()
+        logged = next(h for h in trainer.state.log_history if "batch_entropy_mean" in h)
+        first[how] = [logged[f"batch_entropy/layer_{i}"] for i in range(len(trainer.regularizer.layer_names))]
+        decoder = [i for i, n in enumerate(trainer.regularizer.layer_names) if "decoder" in n]
+        assert decoder  # the decoder is measured
+    assert first["label_smoothing_factor"] == first["plain"]
+    assert first["compute_loss_func"] == first["plain"]

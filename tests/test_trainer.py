@@ -298,7 +298,7 @@ def test_layer_count_changing_between_steps_is_a_clear_error(tmp_path):
 
         def forward(self, x, labels=None):
             Skippy.calls += 1
-            if Skippy.calls > 3:  # the probe and the first steps see every block, later steps skip one
+            if Skippy.calls > 3:  # the first steps see every block, later steps skip one
                 self.blocks[0].forward = lambda h: h
             return super().forward(x, labels)
 
@@ -481,7 +481,7 @@ def test_training_step_reads_nothing_on_the_host(tmp_path, monkeypatch, model_na
 
         def compute_loss(*args, **kw):
             if not trainer.model.training or trainer.state.global_step == 0:
-                return original(*args, **kw)  # the first step chooses the layers (a probe forward): not counted
+                return original(*args, **kw)  # the first step chooses the layers: not counted
             before = reads["count"]
             with monkeypatch.context() as m:
                 for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
@@ -505,7 +505,7 @@ def test_training_step_reads_nothing_on_the_host(tmp_path, monkeypatch, model_na
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
 def test_cuda_training_step_never_synchronizes(tmp_path):
     """Under `torch.cuda.set_sync_debug_mode("error")` any host-device synchronization inside the LBE part of a CUDA
-    training step raises. The first step (the probe that chooses the layers) and Trainer's own loop are outside."""
+    training step raises. The first step (where the layers are chosen) and Trainer's own loop are outside."""
     args = make_args(tmp_path, lbe_beta=0.5, use_cpu=False, max_steps=3, logging_steps=10)
     trainer = BatchEntropyTrainer(model=TinyMLP(), args=args, train_dataset=vector_dataset())
     original = trainer.compute_loss
@@ -927,3 +927,16 @@ def test_beta_zero_with_nothing_measurable_under_reentrant_checkpointing_trains_
         runs[name] = (losses(trainer), params(trainer.model))
     assert runs["ours"][0] == runs["plain"][0]
     assert_same_params(runs["ours"][1], runs["plain"][1], rtol=0, atol=0)
+
+
+def test_a_stop_gradient_branch_through_hooked_modules_is_left_out_not_an_error(tmp_path):
+    class StopGradient(TinyMLP):
+        def forward(self, x, labels=None):
+            with torch.no_grad():
+                self.blocks[0](self.stem(x))  # e.g. a target computed from the same layers, without gradients
+            return super().forward(x, labels)
+
+    trainer = BatchEntropyTrainer(model=StopGradient(), args=make_args(tmp_path, lbe_beta=0.5), train_dataset=vector_dataset())
+    trainer.train()
+    assert trainer.regularizer.layer_names == [f"blocks.{i}.1" for i in range(3)]
+    assert all(h["lbe_loss"] > 0 for h in trainer.state.log_history if "lbe_loss" in h)

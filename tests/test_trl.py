@@ -134,3 +134,113 @@ def test_beta_zero_is_exactly_the_trl_trainer(tmp_path, trainer_cls):
         torch.testing.assert_close(runs[True][1][name], param, rtol=0, atol=0, msg=name)
     logged = [h for h in runs[True][2].state.log_history if "batch_entropy_mean" in h]
     assert len(logged) == 2 and all(h["lbe_loss"] == 0 for h in logged)
+
+
+# --- second forwards in the same step ----------------------------------------------------------------------------
+
+
+def sft(tmp_path, **overrides):
+    SFTWithLBE = type("SFTWithLBE", (BatchEntropyMixin, trl.SFTTrainer), {})
+    tokenizer = word_tokenizer()
+    texts = ["the cat sat on the mat", "a dog ran", "the big dog sat on a small rug and the cat ran", "a cat"] * 4
+    args = batch_entropy_config(trl.SFTConfig)(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+        learning_rate=1e-3, save_strategy="no", report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
+        max_length=16, lbe_beta=0.5, lbe_log_per_layer=True, **overrides,
+    )
+    model = tiny_llama(tokenizer)
+    return SFTWithLBE(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
+                      processing_class=tokenizer, **({"compute_loss_func": nll} if "label_smoothing_factor" not in
+                                                     overrides else {}))
+
+
+def nll(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+
+
+@pytest.mark.parametrize("how", ["label_smoothing_factor", "compute_loss_func"])
+@pytest.mark.parametrize("targets", [None, ["act_fn"]], ids=["hidden_states", "hooks"])
+def test_sft_second_no_grad_forward_is_left_out(tmp_path, how, targets):
+    """TRL's SFT with label smoothing or a compute_loss_func runs the model twice per step: with gradients for the
+    loss, then without them for its metrics. Hooks, like hidden states, measure the first (the one LBE can train),
+    once per layer, and the second is no error."""
+    extra = {"label_smoothing_factor": 0.1} if how == "label_smoothing_factor" else {}
+    trainer = sft(tmp_path, lbe_target_modules=targets, **extra)
+    calls = []
+    trainer.model.model.layers[0].mlp.act_fn.register_forward_hook(lambda m, a, o: calls.append(o.requires_grad))
+    trainer.train()
+    # Per step: the forward with gradients, the one without, and the recomputation of TRL's (non-reentrant)
+    # gradient checkpointing in the backward.
+    assert calls == [True, False, True] * 2
+    expected = HIDDEN if targets is None else [f"model.layers.{i}.mlp.act_fn" for i in range(2)]
+    assert trainer.regularizer.layer_names == expected
+    logged = [h for h in trainer.state.log_history if "lbe_loss" in h]
+    assert len(logged) == 2 and all(h["lbe_loss"] > 0 for h in logged)
+
+
+@pytest.mark.parametrize("targets", [None, ["act_fn"]], ids=["hidden_states", "hooks"])
+def test_dpo_reference_forward_of_a_peft_model_is_not_measured(tmp_path, targets):
+    """DPO on a LoRA model without ref_model: the reference is the same model with its adapter off, run under
+    no_grad in the same compute_loss. It is neither measured (one set of layers, the policy's) nor an error."""
+    peft = pytest.importorskip("peft")
+    DPOWithLBE = type("DPOWithLBE", (BatchEntropyMixin, trl.DPOTrainer), {})
+    tokenizer = word_tokenizer()
+    args = config(trl.DPOTrainer, tmp_path, lbe_target_modules=targets)
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"])
+    data = datasets.Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    trainer = DPOWithLBE(tiny_llama(tokenizer), None, args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=lora)
+    calls = []
+    act = trainer.model.get_base_model().model.layers[0].mlp.act_fn
+    act.register_forward_hook(lambda m, a, o: calls.append(o.requires_grad))
+    trainer.train()
+    # Per step: the policy's forward, the reference's, and the checkpointing's recomputation in the backward.
+    assert calls == [True, False, True] * 2
+    expected = HIDDEN if targets is None else [f"base_model.model.model.layers.{i}.mlp.act_fn" for i in range(2)]
+    assert trainer.regularizer.layer_names == expected
+    assert all(h["lbe_loss"] != 0 for h in trainer.state.log_history if "lbe_loss" in h)
+
+
+def test_constructors_take_the_trl_trainers_keywords_and_plain_configs(tmp_path):
+    """Keywords as TRL names them, and TRL's own config classes (upgraded with the default lbe_* settings): the
+    reference model stays the reference model, the reward functions stay the reward functions."""
+    tokenizer = word_tokenizer()
+    model, ref = tiny_llama(tokenizer), tiny_llama(tokenizer, seed=1)
+    DPOWithLBE = type("DPOWithLBE", (BatchEntropyMixin, trl.DPOTrainer), {})
+    data = datasets.Dataset.from_dict({"prompt": PROMPTS, "chosen": CHOSEN, "rejected": REJECTED})
+    plain = config(trl.DPOTrainer, tmp_path, lbe=False)
+    trainer = DPOWithLBE(ref_model=ref, model=model, args=plain, train_dataset=data, processing_class=tokenizer)
+    assert trainer.ref_model is ref and isinstance(trainer.args, trl.DPOConfig) and trainer.args.lbe_beta == 0.5
+    assert trainer.args.output_dir == plain.output_dir
+    GRPOWithLBE = type("GRPOWithLBE", (BatchEntropyMixin, trl.GRPOTrainer), {})
+    args = config(trl.GRPOTrainer, tmp_path, beta=0.0)
+    trainer = GRPOWithLBE(model=model, reward_funcs=reward_len, args=args,
+                          train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    assert trainer.reward_funcs == [reward_len] and trainer.args is args
+
+
+@pytest.mark.parametrize("trainer_cls", [trl.DPOTrainer, trl.KTOTrainer], ids=lambda c: c.__name__)
+def test_evaluation_measures_the_policys_forward(tmp_path, trainer_cls):
+    """With lbe_eval_entropy, evaluation (every forward without gradients) measures the forward at the place the
+    training step measured: the policy's, not KTO's KL forward that runs before it (other completions, other
+    lengths), nor DPO's reference forward."""
+    trainer, _ = build(trainer_cls, tmp_path, lbe_eval_entropy=True)
+    trainer.eval_dataset = trainer.train_dataset
+    trainer.train()
+    shapes, measured = [], []
+    compute_loss, measure = trainer.compute_loss, trainer._measure_eval
+
+    def recording_loss(model, inputs, *args, **kwargs):
+        shapes.append(tuple(inputs["input_ids"].shape))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    def recording_measure(activations, masks):
+        measured.append(tuple(activations[0].shape[:2]))
+        return measure(activations, masks)
+
+    trainer.compute_loss, trainer._measure_eval = recording_loss, recording_measure
+    metrics = trainer.evaluate()
+    assert measured and measured == shapes
+    assert metrics["eval_batch_entropy_mean"] > 0
