@@ -143,3 +143,15 @@ def test_sft_with_lbe_offline_command(tmp_path):
                       "--output_dir", str(tmp_path)).stdout
     assert re.search(r"LBE loss \d\.\d+, batch-entropy mean \d\.\d+ over 5 hidden states", out)
     assert (tmp_path / "batch_entropy_regularizer.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_readme_offline_command_runs(tmp_path):
+    """The README's offline command, as written (run from the repository root), plus an output folder of the test's."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        (line,) = [line for line in f.read().splitlines() if line.startswith("HF_HUB_OFFLINE=1 python examples/")]
+    env_word, *words = shlex.split(line)
+    name = words[1].split("/")[-1]
+    done = run_example(name, *words[2:], "--output_dir", str(tmp_path))
+    assert env_word == "HF_HUB_OFFLINE=1" and "eval accuracy" in done.stdout
+    assert (tmp_path / "batch_entropy_regularizer.safetensors").is_file()
