@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
@@ -251,6 +253,29 @@ def with_batch_entropy_fields(args: TrainingArguments) -> BatchEntropyArguments:
         return args
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     return batch_entropy_config(type(args))(**values)
+
+
+def with_lbe_args(
+    base_init: Any, pos_args: tuple, kwargs: dict[str, Any], default_class: type | None
+) -> tuple[tuple, dict[str, Any]]:
+    """The base trainer's constructor arguments with its `args` upgraded to carry the `lbe_*` fields (or, where none
+    was given and the trainer has one, `default_class(output_dir="trainer_output")`), in the same position or keyword.
+
+    Where `base_init` takes no `args` parameter, or the arguments do not bind to its signature, they are returned
+    unchanged: the base constructor reports its own error, and the arguments it builds are upgraded after it."""
+    try:
+        signature = inspect.signature(base_init)
+        bound = signature.bind_partial(*pos_args, **kwargs)
+    except (TypeError, ValueError):
+        return pos_args, kwargs
+    if "args" not in signature.parameters:
+        return pos_args, kwargs
+    value = bound.arguments.get("args")
+    if value is None and default_class is not None:
+        bound.arguments["args"] = default_class(output_dir="trainer_output")
+    elif value is not None:
+        bound.arguments["args"] = with_batch_entropy_fields(value)
+    return bound.args, bound.kwargs
 
 
 def _validate_lbe_settings(args: BatchEntropyArguments) -> None:

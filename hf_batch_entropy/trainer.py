@@ -35,7 +35,6 @@ hooks) is named in `_compat`, each with a test in `tests/test_compat.py`.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -48,7 +47,7 @@ from transformers.utils import logging
 from ._compat import model_card_path, packs_sequences, prediction_uses_compute_loss, prepare_inputs
 from .alpha_step import AlphaStepper, adam_implementation, attach_alpha_step
 from .capture import select_capture
-from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields
+from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields, with_lbe_args
 from .entropy import batch_entropies, is_measurable
 from .guard import RegularizationGuard, check_batch_size, check_model, nothing_to_measure
 from .modelcard import MODEL_TAG, append_section
@@ -59,29 +58,6 @@ from .tokens import TokenLayout
 logger = logging.get_logger(__name__)
 
 __all__ = ["BatchEntropyMixin", "BatchEntropySeq2SeqTrainer", "BatchEntropyTrainer"]
-
-
-def _with_lbe_args(
-    base_init: Any, pos_args: tuple, kwargs: dict[str, Any], default_class: type | None
-) -> tuple[tuple, dict[str, Any]]:
-    """The base trainer's constructor arguments with its `args` upgraded to carry the `lbe_*` fields (or, where none
-    was given and the trainer has one, `default_class(output_dir="trainer_output")`), in the same position or keyword.
-
-    Where `base_init` takes no `args` parameter, or the arguments do not bind to its signature, they are returned
-    unchanged: the base constructor reports its own error, and the arguments it builds are upgraded after it."""
-    try:
-        signature = inspect.signature(base_init)
-        bound = signature.bind_partial(*pos_args, **kwargs)
-    except (TypeError, ValueError):
-        return pos_args, kwargs
-    if "args" not in signature.parameters:
-        return pos_args, kwargs
-    value = bound.arguments.get("args")
-    if value is None and default_class is not None:
-        bound.arguments["args"] = default_class(output_dir="trainer_output")
-    elif value is not None:
-        bound.arguments["args"] = with_batch_entropy_fields(value)
-    return bound.args, bound.kwargs
 
 
 class BatchEntropyMixin:
@@ -107,7 +83,7 @@ class BatchEntropyMixin:
     def __init__(self, *pos_args, **kwargs):
         # The base trainer's own signature decides where `args` is (`Trainer(model, args, ...)`, but
         # `DPOTrainer(model, ref_model, args, ...)`, `GRPOTrainer(model, reward_funcs, args, ...)`).
-        pos_args, kwargs = _with_lbe_args(super().__init__, pos_args, kwargs, self._default_args_class)
+        pos_args, kwargs = with_lbe_args(super().__init__, pos_args, kwargs, self._default_args_class)
         super().__init__(*pos_args, **kwargs)
         if not hasattr(self.args, "lbe_beta"):
             self.args = with_batch_entropy_fields(self.args)

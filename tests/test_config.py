@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 
 from transformers import HfArgumentParser
@@ -30,3 +31,32 @@ def test_target_modules_on_the_command_line():
     assert args.lbe_target_modules == [r"re:blocks\.\d+\.act"]
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", "x"])
     assert args.lbe_target_modules is None
+
+
+def test_with_lbe_args_upgrades_args_wherever_the_base_constructor_takes_them(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_batch_entropy import BatchEntropyConfig
+    from hf_batch_entropy.config import BatchEntropyArguments, with_lbe_args
+
+    def trainer_init(model=None, args=None, data_collator=None):
+        pass
+
+    def dpo_init(model, ref_model=None, args=None, **kwargs):
+        pass
+
+    def no_args_init(model, config=None):
+        pass
+
+    plain = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    pos, kw = with_lbe_args(trainer_init, ("model", plain), {}, None)
+    assert pos[0] == "model" and isinstance(pos[1], BatchEntropyArguments) and pos[1].output_dir == str(tmp_path)
+    pos, kw = with_lbe_args(dpo_init, ("model", "reference"), {"args": plain, "extra": 1}, None)
+    bound = inspect.signature(dpo_init).bind(*pos, **kw).arguments  # the same binding, with args upgraded
+    assert bound["model"] == "model" and bound["ref_model"] == "reference" and bound["kwargs"] == {"extra": 1}
+    assert isinstance(bound["args"], BatchEntropyArguments) and bound["args"].output_dir == str(tmp_path)
+    pos, kw = with_lbe_args(trainer_init, ("model",), {}, BatchEntropyConfig)
+    assert isinstance(pos[1] if len(pos) > 1 else kw["args"], BatchEntropyConfig)
+    assert with_lbe_args(trainer_init, ("model",), {}, None) == (("model",), {})  # the base trainer's default, later
+    assert with_lbe_args(no_args_init, ("model", plain), {}, None) == (("model", plain), {})
+    assert with_lbe_args(trainer_init, (1, 2, 3, 4), {}, None) == ((1, 2, 3, 4), {})  # does not bind: left to the base
