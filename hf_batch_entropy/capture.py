@@ -315,6 +315,7 @@ class HiddenStatesCapture:
     source = "hidden_states"
 
     def __init__(self, model: nn.Module | None = None):
+        self._model_name = type(model).__name__ if model is not None else "The model"
         self._force_dict = model is not None and _accepts(model, "return_dict")
         self._config_wants_tuple = getattr(getattr(model, "config", None), "return_dict", True) is False
         self._wants_tuple = False
@@ -393,6 +394,14 @@ class HiddenStatesCapture:
             found = recorded
         activations, names, missing = [], [], []
         for key, states in found or []:
+            if isinstance(states, torch.Tensor):
+                # One tensor, not a tuple of layers: iterating it would measure the batch dimension as layers.
+                raise ValueError(
+                    f"{self._model_name} returned its {key} as one tensor of shape {tuple(states.shape)}, not as a "
+                    "tuple of one tensor per layer (what Transformers models return with output_hidden_states=True), "
+                    "so its layers cannot be told apart. Pass lbe_target_modules=[...] naming the layers to "
+                    "regularize (they are then recorded by forward hooks)."
+                )
             for i, state in enumerate(states):
                 if state is None:
                     missing.append(f"{key}.{i}")
@@ -484,6 +493,13 @@ class ForwardHookCapture:
                 raise TypeError(
                     f"Module {name!r} ({type(module).__name__}) returned {type(output).__name__}, not a tensor: its "
                     "output cannot be regularized. Target a module that returns a tensor (lbe_target_modules)."
+                )
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                # An argmax, a mask, token ids: no variance to train and no gradient to carry.
+                raise TypeError(
+                    f"Module {name!r} ({type(module).__name__}) returned a {tensor.dtype} tensor: batch-entropy needs "
+                    "floating-point activations, and an integer or boolean output has no gradient to regularize. "
+                    "Leave it out of lbe_target_modules (target the layer whose output it reads)."
                 )
             if self._grad_enabled and not torch.is_grad_enabled():
                 if _in_reentrant_checkpoint():
