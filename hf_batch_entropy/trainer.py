@@ -216,7 +216,10 @@ class BatchEntropyMixin:
             return [], []
         if not self._layer_names and names:
             self._set_layer_names(names)
-        return self._tokens.views(capture.inputs_seen(inputs), activations, names, self.args.lbe_ignore_padding)
+        sources = capture.take_sources()  # per activation, the inputs of the tower that produced it
+        sources = sources if sources is not None and len(sources) == len(activations) else None
+        return self._tokens.views(capture.inputs_seen(inputs), activations, names, self.args.lbe_ignore_padding,
+                                  sources=sources)
 
     def _set_layer_names(self, names: list[str]) -> None:
         if self.args.lbe_beta > 0:
