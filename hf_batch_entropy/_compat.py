@@ -28,6 +28,8 @@ Copies of `Trainer`'s decisions (functions below; each test compares the copy wi
 
 - `prediction_uses_compute_loss`: whether `Trainer.prediction_step` (or `Seq2SeqTrainer`'s) computes the batch's loss
   through `compute_loss` (labels present, or `return_loss` without label names), or runs the model directly.
+- `generation_loss_forward`: whether `Seq2SeqTrainer.prediction_step` generates and then runs the labelled batch
+  through the model directly for its loss (`predict_with_generate` with labels).
 - `model_card_path`: `Trainer.create_model_card` writes the card to `<output_dir>/README.md`; the mixin appends its
   section there.
 
@@ -144,6 +146,18 @@ def prediction_uses_compute_loss(trainer: Any, inputs: dict[str, Any], predictio
     if return_loss is None:
         return_loss = trainer.can_return_loss
     return has_labels or (not label_names and bool(return_loss))
+
+
+def generation_loss_forward(trainer: Any, inputs: dict[str, Any], prediction_loss_only: bool, base: type) -> bool:
+    """Whether `base.prediction_step` is `Seq2SeqTrainer`'s generating one for this batch and, after generating, runs
+    the labelled batch through the model itself (teacher forcing, under `no_grad`, not through `compute_loss`) for
+    its loss: `predict_with_generate`, not loss only, and `labels` in the batch (its own test, `"labels" in inputs`)."""
+    from transformers import Seq2SeqTrainer
+
+    return (
+        base is Seq2SeqTrainer and bool(getattr(trainer.args, "predict_with_generate", False))
+        and not prediction_loss_only and "labels" in inputs
+    )
 
 
 def packs_sequences(trainer: Any) -> bool:

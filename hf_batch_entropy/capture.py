@@ -315,6 +315,7 @@ class HiddenStatesCapture:
     source = "hidden_states"
 
     def __init__(self, model: nn.Module | None = None):
+        self._model_name = type(model).__name__ if model is not None else "The model"
         self._force_dict = model is not None and _accepts(model, "return_dict")
         self._config_wants_tuple = getattr(getattr(model, "config", None), "return_dict", True) is False
         self._wants_tuple = False
@@ -361,6 +362,11 @@ class HiddenStatesCapture:
             prepared["return_dict"] = True
         return prepared
 
+    @staticmethod
+    def take_sources() -> None:
+        """`None`: the hidden states are the backbone's, and `inputs_seen` holds the inputs they belong to."""
+        return None
+
     def inputs_seen(self, batch: dict[str, Any]) -> dict[str, Any]:
         """`batch` updated with the keyword inputs of the last block's measured forward (the masks its activations
         have: TRL's GRPO builds `attention_mask` from the prompt's and the completion's); what it did not get (labels
@@ -393,6 +399,14 @@ class HiddenStatesCapture:
             found = recorded
         activations, names, missing = [], [], []
         for key, states in found or []:
+            if isinstance(states, torch.Tensor):
+                # One tensor, not a tuple of layers: iterating it would measure the batch dimension as layers.
+                raise ValueError(
+                    f"{self._model_name} returned its {key} as one tensor of shape {tuple(states.shape)}, not as a "
+                    "tuple of one tensor per layer (what Transformers models return with output_hidden_states=True), "
+                    "so its layers cannot be told apart. Pass lbe_target_modules=[...] naming the layers to "
+                    "regularize (they are then recorded by forward hooks)."
+                )
             for i, state in enumerate(states):
                 if state is None:
                     missing.append(f"{key}.{i}")
@@ -443,6 +457,85 @@ def _models_returning_states(model: nn.Module | None) -> list[nn.Module]:
     return unique
 
 
+# The inputs a tower of a model starts from: tokens (whose padding `attention_mask` marks), or other modalities.
+_TOKEN_INPUTS = ("input_ids", "inputs_embeds")
+_OTHER_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_values")
+
+
+class _Towers:
+    """Which call of the model's towers produced an activation, and so which keyword inputs (which `attention_mask`)
+    it belongs to: a mask is applied by what produced the activation, never because shapes happen to match.
+
+    A tower is a submodule whose `forward` takes a model input by name (`input_ids`, `inputs_embeds`,
+    `pixel_values`, `input_features`, ...): BERT's `BertModel` inside a `BertForMultipleChoice` (called with the
+    `(B·C, T)` mask), CLIP's text and vision models. For an activation, the enclosing tower calls are searched from
+    the innermost outwards: the first that got a token mask (`attention_mask` of 2 or 3 dimensions, not an extended
+    4-d attention mask) gives its inputs; a tower of another modality (images, audio) that takes no `attention_mask`
+    gives its own inputs, which have no token mask (CLIP's vision tower inside a model called with the text's mask).
+    `None` where no tower call decides (the batch's inputs then apply, e.g. a packed batch without a mask).
+    """
+
+    def __init__(self, model: nn.Module):
+        self._stack: list[tuple[dict[str, Any], bool]] = []
+        self.active = False
+        self._handles = []
+        for name, module in model.named_modules():
+            if not name:
+                continue  # the model itself: its inputs are the batch's
+            params = _forward_parameters(module)
+            if not any(key in params for key in _TOKEN_INPUTS + _OTHER_INPUTS):
+                continue
+            try:
+                signature = inspect.signature(module.forward)
+            except (TypeError, ValueError):
+                continue
+            self._handles += [
+                module.register_forward_pre_hook(self._enter(signature, "attention_mask" in params), with_kwargs=True),
+                module.register_forward_hook(self._leave, always_call=True),
+            ]
+
+    def _enter(self, signature: inspect.Signature, takes_mask: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if not self.active:
+                return
+            try:
+                arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+            except TypeError:
+                arguments = dict(kwargs)
+            extra = next((k for k, p in signature.parameters.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+            if extra is not None and isinstance(arguments.get(extra), dict):
+                arguments.update(arguments.pop(extra))
+            self._stack.append((arguments, takes_mask))
+
+        return hook
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.active and self._stack:
+            self._stack.pop()
+
+    def begin(self) -> None:
+        self._stack, self.active = [], True
+
+    def end(self) -> None:
+        self._stack, self.active = [], False
+
+    def source(self) -> dict[str, Any] | None:
+        """The keyword inputs of the tower call that decides the current activation's mask (see the class)."""
+        for arguments, takes_mask in reversed(self._stack):
+            mask = arguments.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() in (2, 3):
+                return arguments
+            tokens = any(arguments.get(k) is not None for k in _TOKEN_INPUTS)
+            if not takes_mask and not tokens and any(arguments.get(k) is not None for k in _OTHER_INPUTS):
+                return arguments
+        return None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class ForwardHookCapture:
     """Regularize the outputs of chosen submodules, recorded by forward hooks.
 
@@ -470,7 +563,10 @@ class ForwardHookCapture:
         self._block = False  # a capturing() block ran since the last collect
         self._error: Exception | None = None  # found while recording, raised by collect
         self._grad_enabled = False  # whether the forward inside `capturing()` computes gradients
+        self._sources: list[dict[str, Any] | None] = []
+        self._collected_sources: list[dict[str, Any] | None] = []
         self._watch = _ForwardWatch(model, inner=_models_returning_states(model)[-1]) if model is not None else None
+        self._towers = _Towers(model) if model is not None else None
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules]
 
     def _hook(self, name: str):
@@ -484,6 +580,13 @@ class ForwardHookCapture:
                 raise TypeError(
                     f"Module {name!r} ({type(module).__name__}) returned {type(output).__name__}, not a tensor: its "
                     "output cannot be regularized. Target a module that returns a tensor (lbe_target_modules)."
+                )
+            if not (tensor.is_floating_point() or tensor.is_complex()):
+                # An argmax, a mask, token ids: no variance to train and no gradient to carry.
+                raise TypeError(
+                    f"Module {name!r} ({type(module).__name__}) returned a {tensor.dtype} tensor: batch-entropy needs "
+                    "floating-point activations, and an integer or boolean output has no gradient to regularize. "
+                    "Leave it out of lbe_target_modules (target the layer whose output it reads)."
                 )
             if self._grad_enabled and not torch.is_grad_enabled():
                 if _in_reentrant_checkpoint():
@@ -502,6 +605,7 @@ class ForwardHookCapture:
             self._calls[name] = calls + 1
             self._activations.append(tensor)
             self._names.append(name if calls == 0 else f"{name}#{calls}")
+            self._sources.append(self._towers.source() if self._towers is not None else None)
 
         return hook
 
@@ -514,28 +618,39 @@ class ForwardHookCapture:
         """See `HiddenStatesCapture.inputs_seen`."""
         return _inputs_seen(self._watch, batch)
 
+    def take_sources(self) -> list[dict[str, Any] | None]:
+        """Per activation the last `collect` handed over, the keyword inputs of the tower call that produced it
+        (`_Towers.source`: the inputs its mask is read from), or `None` (the batch's); handed over and forgotten."""
+        sources, self._collected_sources = self._collected_sources, []
+        return sources
+
     @contextlib.contextmanager
     def capturing(self) -> Iterator[None]:
         self.discard()
         self._active, self._grad_enabled, self._block = True, torch.is_grad_enabled(), True
         if self._watch is not None:
             self._watch.begin(self._grad_enabled)
+        if self._towers is not None:
+            self._towers.begin()
         try:
             yield
         finally:
             self._active = False
             if self._watch is not None:
                 self._watch.end()
+            if self._towers is not None:
+                self._towers.end()
 
     def collect(self, outputs: Any = None) -> tuple[list[torch.Tensor], list[str]]:
         """Hand over the activations recorded in the last `capturing()` block, and forget them.
 
         Raises a `ValueError` where the model's measured forward ran but none of the hooked modules gave an output
         with gradients in it (none ran, or all ran without gradients): there would be nothing to regularize."""
-        activations, names, left_out, block, error = (
-            self._activations, self._names, self._left_out, self._block, self._error
+        activations, names, left_out, block, error, sources = (
+            self._activations, self._names, self._left_out, self._block, self._error, self._sources
         )
         self.discard()
+        self._collected_sources = sources
         if error is not None:
             raise error
         if not activations and block and self._watch is not None and self._watch.measured_ran:
@@ -553,7 +668,7 @@ class ForwardHookCapture:
 
     def discard(self) -> None:
         """Forget what the last `capturing()` block recorded, errors included."""
-        self._activations, self._names, self._calls = [], [], {}
+        self._activations, self._names, self._calls, self._sources = [], [], {}, []
         self._left_out, self._block, self._error = 0, False, None
 
     @staticmethod
@@ -567,6 +682,8 @@ class ForwardHookCapture:
         self._handles = []
         if self._watch is not None:
             self._watch.remove()
+        if self._towers is not None:
+            self._towers.remove()
 
 
 class CaptureSelection:
@@ -589,6 +706,9 @@ class CaptureSelection:
     @property
     def source(self) -> str:
         return (self.chosen or self._candidates[0]).source
+
+    def take_sources(self) -> list[dict[str, Any] | None] | None:
+        return (self.chosen or self._candidates[0]).take_sources()
 
     def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return (self.chosen or self._candidates[0]).prepare_inputs(inputs)

@@ -261,6 +261,64 @@ def _sync_active(sync: bool) -> bool:
     return sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+_SHAPE_GROUPS: dict[int, object] = {}
+
+
+def _shape_group():
+    """A process group whose collectives run on CPU tensors (gloo): the default one where it is gloo, else a gloo
+    group made once (by every rank, at their first synchronized step); `None` where gloo is not available."""
+    default = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return default
+    key = id(default)
+    if key not in _SHAPE_GROUPS:
+        _SHAPE_GROUPS[key] = dist.new_group(backend="gloo") if dist.is_gloo_available() else None
+    return _SHAPE_GROUPS[key]
+
+
+def _check_same_layout(activations: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None) -> None:
+    """Raise the same error on every rank where the ranks' activations do not have the same units (a sequence length
+    that differs between ranks: dynamic padding, packing), before the all-reduces, whose sizes would then differ
+    (gloo aborts one rank with a size mismatch, NCCL hangs).
+
+    The shapes are host metadata: they are all-gathered as CPU tensors (a gloo group; no device synchronization) and
+    compared on the host. Only where gloo is missing do they travel on the device, and then comparing them reads the
+    device."""
+    shapes = [tuple(x.shape[1:]) for x in activations]
+    dims = max(len(s) for s in shapes)
+    masked = [masks is not None and masks[i] is not None for i in range(len(shapes))]
+    # Per layer: its number of dimensions, its unit dimensions (padded with -1), whether it is masked (a masked layer
+    # sends per-unit counts); the batch may differ.
+    local = torch.tensor([[len(s), *s, *([-1] * (dims - len(s))), int(m)] for s, m in zip(shapes, masked)],
+                         dtype=torch.int64)
+    group = _shape_group()
+    device = torch.device("cpu") if group is not None else activations[0].device
+    world = dist.get_world_size()
+    # Sizes first (the number of layers and of dimensions may differ too), then the shapes padded to the largest.
+    size = torch.tensor([local.shape[0], local.shape[1]], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    rows, cols = (max(int(s[i]) for s in sizes) for i in (0, 1))
+    padded = torch.full((rows, cols), -2, dtype=torch.int64)
+    padded[: local.shape[0], : local.shape[1]] = local
+    padded = padded.to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    if all(torch.equal(g, gathered[0]) for g in gathered[1:]):
+        return
+    described = []
+    for rank, g in enumerate(gathered):
+        first = g[0].tolist()
+        described.append(f"rank {rank}: {sum(1 for row in g.tolist() if row[0] >= 0)} layers, the first of shape "
+                         f"(batch, {', '.join(str(d) for d in first[1 : 1 + first[0]])})")
+    raise ValueError(
+        "lbe_sync_entropy pools each unit's statistics across processes, so every process must measure the same units, "
+        f"but their activations differ ({'; '.join(described)}): usually a sequence length that differs between "
+        "processes (dynamic padding, packing). Pad every batch to one length (padding='max_length' with a fixed "
+        "max_length, or a data collator that pads to it), or turn lbe_sync_entropy off."
+    )
+
+
 def _chunks(units: list[torch.Tensor], mask_keys: Sequence[Hashable] | None = None) -> list[list[list[int]]]:
     """Indices of the layers grouped by shape, dtype, device and padding mask (in first-seen order), each group in
     chunks of bounded size: `groups[g][c]` is the list of layer indices of chunk `c` of group `g`."""
@@ -397,6 +455,8 @@ def batch_entropies(
         raise ValueError(f"Got {len(masks)} masks for {len(activations)} layers: give one per layer (None: no mask).")
     distributed = _sync_active(sync)
     fused = fused or distributed
+    if distributed:
+        _check_same_layout(activations, masks)
     units = [_as_units(x, f"activations of layer {i}", to_float=not fused, sync=sync) for i, x in enumerate(activations)]
     batch = units[0].shape[0]
     for i, x in enumerate(units):

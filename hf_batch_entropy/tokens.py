@@ -18,10 +18,13 @@ three layouts, and `TokenLayout.views` turns each into `(S, T', ...)` activation
   adds no positions (its virtual tokens are keys and values only). Another prompt-learning method whose activations
   do not fit the mask is an error.
 
-Which mask an activation takes is decided by the model's config, not by module names: the decoder activations of an
-encoder-decoder model (`config.is_encoder_decoder`; `decoder_hidden_states.*`, or hooked modules inside the module
-`get_decoder()` returns) take `decoder_attention_mask`, or else `labels != -100` (the decoder inputs are the labels
-shifted right); every other activation, all of a decoder-only model's included, takes `attention_mask`.
+Which mask an activation takes is decided by what produced it, never because shapes happen to match: the decoder
+activations of an encoder-decoder model (`config.is_encoder_decoder`; `decoder_hidden_states.*`, or hooked modules
+inside the module `get_decoder()` returns) take `decoder_attention_mask`, or else `labels != -100` (the decoder inputs
+are the labels shifted right); a hooked activation takes the `attention_mask` of the tower of the model whose call
+produced it (`capture._Towers`: the `(B·C, T)` mask a multiple-choice model hands its encoder; none for CLIP's vision
+tower, whatever the text's mask); hidden states take that of the backbone that returned them; every other activation
+takes the batch's `attention_mask`. A multiple-choice mask `(B, C, T)` is `B·C` sequences.
 
 The padding of the gathered layout is left out by selection in the estimator, so whatever those positions hold never
 reaches the statistics. Packed layouts are always masked (there is no padding to keep: the sequences are ragged);
@@ -135,6 +138,8 @@ class TokenLayout:
         """The encoder's (or only) stream and the decoder's, each `None` where there is nothing to mask."""
         packed = None if self.is_encoder_decoder else packed_boundaries(inputs)
         attention = inputs.get("attention_mask")
+        if isinstance(attention, torch.Tensor) and attention.dim() == 3:
+            attention = attention.reshape(-1, attention.shape[-1])  # multiple choice (B, C, T): B·C sequences
         attention = attention if isinstance(attention, torch.Tensor) and attention.dim() == 2 else None
         if packed is not None:
             reference = next(
@@ -162,6 +167,7 @@ class TokenLayout:
         activations: Sequence[torch.Tensor],
         names: Sequence[str],
         ignore_padding: bool = True,
+        sources: Sequence[dict[str, Any] | None] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """The activations as `S` sequences each, and their masks of real tokens.
 
@@ -172,6 +178,9 @@ class TokenLayout:
             names: their names (to tell an encoder-decoder's decoder activations, and for messages).
             ignore_padding: leave the padding of padded batches out (`lbe_ignore_padding`); packed batches are always
                 unpacked and masked.
+            sources: optional, per activation, the keyword inputs of the part of the model that produced it (a
+                tower: `capture._Towers`), read instead of `inputs` for its mask; `None` (for all, or for one): `inputs`.
+                An encoder-decoder's decoder activations always take the decoder's mask from `inputs`.
 
         Returns:
             `(views, masks)`: per activation, the tensor to measure (gathered to `(S, T_max, ...)` where packed, else
@@ -179,10 +188,19 @@ class TokenLayout:
             no padding). Differentiable.
         """
         encoder, decoder = self._streams(inputs, ignore_padding)
+        own: dict[int, _Stream | None] = {}  # the streams of the sources, each computed once
         views, masks, unfit = [], [], []
         prefixed: dict[int, torch.Tensor] = {}
-        for x, name in zip(activations, names):
-            stream = decoder if self.in_decoder(name) else encoder
+        for i, (x, name) in enumerate(zip(activations, names)):
+            source = sources[i] if sources is not None else None
+            if self.in_decoder(name):
+                stream = decoder
+            elif source is not None:
+                if id(source) not in own:
+                    own[id(source)] = self._streams(source, ignore_padding)[0]
+                stream = own[id(source)]
+            else:
+                stream = encoder
             view, mask = x, None
             if stream is not None and isinstance(x, torch.Tensor) and x.dim() >= 2:
                 x = view = _unflattened(x, stream.source if stream.index is not None else tuple(stream.mask.shape))

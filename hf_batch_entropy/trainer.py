@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -44,7 +44,13 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from ._compat import model_card_path, packs_sequences, prediction_uses_compute_loss, prepare_inputs
+from ._compat import (
+    generation_loss_forward,
+    model_card_path,
+    packs_sequences,
+    prediction_uses_compute_loss,
+    prepare_inputs,
+)
 from .alpha_step import AlphaStepper, adam_implementation, attach_alpha_step
 from .capture import select_capture
 from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields, with_lbe_args
@@ -186,7 +192,10 @@ class BatchEntropyMixin:
             return [], []
         if not self._layer_names and names:
             self._set_layer_names(names)
-        return self._tokens.views(capture.inputs_seen(inputs), activations, names, self.args.lbe_ignore_padding)
+        sources = capture.take_sources()  # per activation, the inputs of the tower that produced it
+        sources = sources if sources is not None and len(sources) == len(activations) else None
+        return self._tokens.views(capture.inputs_seen(inputs), activations, names, self.args.lbe_ignore_padding,
+                                  sources=sources)
 
     def _set_layer_names(self, names: list[str]) -> None:
         if self.args.lbe_beta > 0:
@@ -307,44 +316,63 @@ class BatchEntropyMixin:
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """`Trainer.prediction_step`; with `lbe_eval_entropy`, a batch that `Trainer` runs through the model directly
-        (no labels, so no `compute_loss`) is measured too, by hooks around that forward: the outputs it returns are
-        those it would return without LBE."""
+        (no labels, so no `compute_loss`) is measured too, by hooks around that forward, and so is the labelled
+        forward that `Seq2SeqTrainer` runs for the loss after generating (`predict_with_generate`; the decoding steps
+        are not measured): the outputs it returns are those it would return without LBE."""
         mro = type(self).__mro__
         base = next(c for c in mro[mro.index(BatchEntropyMixin) + 1 :] if "prediction_step" in vars(c))
-        if not self.args.lbe_eval_entropy or prediction_uses_compute_loss(self, inputs, prediction_loss_only, base):
+        if not self.args.lbe_eval_entropy:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        after_generation = generation_loss_forward(self, inputs, prediction_loss_only, base)
+        if not after_generation and prediction_uses_compute_loss(self, inputs, prediction_loss_only, base):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = prepare_inputs(self, inputs)
         if not self._capture_ready(model):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        with self._measuring_forward(model, inputs):
+        # After generation, the loss forward is the one given the labels (generate never passes any).
+        measured = (lambda kwargs: kwargs.get("labels") is not None) if after_generation else None
+        with self._measuring_forward(model, inputs, measured):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     @contextlib.contextmanager
-    def _measuring_forward(self, model: torch.nn.Module, inputs: dict[str, Any]) -> Iterator[None]:
-        """Around the first forward of `model` in this block: ask it for the captured activations, measure them
-        (`eval` tally) and hand the caller the outputs without them."""
-        capture, done = self._capture, []
+    def _measuring_forward(
+        self, model: torch.nn.Module, inputs: dict[str, Any], measured: Callable[[dict[str, Any]], bool] | None = None
+    ) -> Iterator[None]:
+        """Around the first forward of `model` in this block whose keywords satisfy `measured` (any, by default): ask
+        it for the captured activations, measure them (`eval` tally) and hand the caller the outputs without them.
+        The capture records inside that forward only (its block opens when the forward starts, before the capture's
+        own hooks run, and closes when it ends), so other forwards of the block (generation's) are not seen."""
+        capture, state = self._capture, {"open": None, "done": False}
 
         def before(module, args, kwargs):
-            return (args, kwargs if done else capture.prepare_inputs(kwargs))
+            if state["done"] or state["open"] is not None or (measured is not None and not measured(kwargs)):
+                return None
+            stack = contextlib.ExitStack()
+            stack.enter_context(capture.capturing())
+            state["open"] = stack
+            return args, capture.prepare_inputs(kwargs)
 
         def after(module, args, kwargs, output):
-            if done:
+            stack = state["open"]
+            if stack is None:
                 return output
-            done.append(True)
+            state["open"], state["done"] = None, True
+            stack.close()
             activations, masks = self._collect(output, inputs)
             if activations and is_measurable(activations[0].shape[0], self.args.lbe_sync_entropy):
                 self._measure_eval(activations, masks)
             return capture.restore(output, keep_hidden_states=bool(inputs.get("output_hidden_states")))
 
-        handles = [model.register_forward_pre_hook(before, with_kwargs=True),
+        # `before` first, so that the capture's own hooks on the model see its block open.
+        handles = [model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
                    model.register_forward_hook(after, with_kwargs=True)]
         try:
-            with capture.capturing():
-                yield
+            yield
         finally:
             for handle in handles:
                 handle.remove()
+            if state["open"] is not None:  # the forward raised
+                state["open"].close()
 
     # --- metrics -----------------------------------------------------------------------------------------------------
 

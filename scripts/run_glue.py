@@ -173,7 +173,12 @@ def main(args: Sequence[str] | None = None) -> dict[str, float]:
             f"({tokenizer.model_max_length}); using {tokenizer.model_max_length}."
         )
     max_seq_length = min(data_args.max_seq_length, tokenizer.model_max_length)
-    padding = "max_length" if data_args.pad_to_max_length else False
+    # lbe_sync_entropy pools each unit (position × feature) across processes: every process must see batches of one
+    # length, which dynamic padding does not give.
+    pad_to_max_length = data_args.pad_to_max_length or training_args.lbe_sync_entropy
+    if training_args.lbe_sync_entropy and not data_args.pad_to_max_length:
+        logger.info(f"--lbe_sync_entropy: padding every example to --max_seq_length ({max_seq_length}).")
+    padding = "max_length" if pad_to_max_length else False
     key1, key2 = spec.sentence_keys
 
     def preprocess(examples: dict[str, list]) -> dict[str, list]:
@@ -240,7 +245,7 @@ def main(args: Sequence[str] | None = None) -> dict[str, float]:
             return {"mse": float(((preds - labels) ** 2).mean())}
         return {"accuracy": float((preds == labels).mean())}
 
-    if data_args.pad_to_max_length:
+    if pad_to_max_length:
         data_collator = default_data_collator
     else:
         # Dynamic padding; multiples of 8 keep tensor cores busy in half precision.

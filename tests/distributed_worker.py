@@ -17,7 +17,8 @@ Usage (one result file per scenario and rank, `<out>/<scenario>.rank<r>.pt`):
 
 Scenarios: `sync` (lbe_sync_entropy, checkpoints at steps 2 and 4, then `save_model` and a model card), `nosync`,
 `avg_tokens` (Transformers' default `average_tokens_across_devices=True`), `resume_same` (resume `sync` from its
-step-2 checkpoint) and `resume_other` (resume from `--checkpoint`, written by another number of processes).
+step-2 checkpoint), `resume_other` (resume from `--checkpoint`, written by another number of processes) and `unequal`
+(lbe_sync_entropy with another sequence length on each rank: the error each rank raised).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def train(
     bf16: bool = False,
     torch_compile: bool = False,
     torch_compile_backend: str | None = None,
+    seq_len: int = SEQ_LEN,
 ) -> dict:
     """One short SGD run; returns what it recorded (CPU tensors and plain values)."""
     args = BatchEntropyConfig(
@@ -136,7 +138,7 @@ def train(
     )
     recorder = Recorder()
     trainer = BatchEntropyTrainer(
-        model=tiny_bert(), args=args, train_dataset=ToyTextDataset(), callbacks=[recorder]
+        model=tiny_bert(), args=args, train_dataset=ToyTextDataset(seq_len=seq_len), callbacks=[recorder]
     )
     recorder.trainer = trainer
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -223,6 +225,14 @@ def run_scenario(name: str, out: str, world_size: int, checkpoint: str | None = 
         if checkpoint is None:
             raise ValueError("Scenario resume_other needs --checkpoint.")
         return train(os.path.join(out, "resume_other"), per_device_batch=batch, sync=True, resume_from_checkpoint=checkpoint)
+    if name == "unequal":
+        # Each rank's sequences have another length (as with dynamic padding): the same clear error on every rank.
+        rank = int(os.environ.get("RANK", "0"))
+        try:
+            train(os.path.join(out, "unequal"), per_device_batch=batch, sync=True, max_steps=1, seq_len=SEQ_LEN + rank)
+        except ValueError as err:
+            return {"error": str(err), "trainer": None}
+        return {"error": None, "trainer": None}
     raise ValueError(f"Unknown scenario {name!r}.")
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from transformers import BertForSequenceClassification
+from transformers import BertForSequenceClassification, BertModel
 
 from conftest import TinyMLP, tiny_bert, tiny_bert_config
 from hf_batch_entropy.capture import (
@@ -231,3 +231,63 @@ def test_a_stop_gradient_branch_is_left_out_and_reentrant_checkpointing_is_an_er
         model(x=torch.randn(4, 8, requires_grad=True))
     with pytest.raises(RuntimeError, match="blocks.0.1.*without gradients.*use_reentrant': False"):
         capture.collect()
+
+
+class StackedHiddenStatesBert(BertModel):
+    """A Transformers model (a backbone: the only module whose outputs hold hidden states) that returns its hidden
+    states as one tensor `(B, L+1, T, H)`, not a tuple of layers."""
+
+    def forward(self, *args, **kwargs):
+        outputs = super().forward(*args, **kwargs)
+        if outputs.hidden_states is not None:
+            outputs.hidden_states = torch.stack(outputs.hidden_states, dim=1)
+        return outputs
+
+
+def test_hidden_states_as_one_tensor_is_an_error_naming_the_model_and_the_fix():
+    torch.manual_seed(0)
+    model = StackedHiddenStatesBert(tiny_bert_config())
+    batch = {"input_ids": torch.randint(4, 64, (3, 7))}
+    capture = select_capture(model, None)
+    with capture.capturing():
+        outputs = model(**capture.prepare_inputs(batch))
+    # Before: the tensor was iterated along its first dimension, the batch's 3 examples taken as 3 layers, silently.
+    with pytest.raises(ValueError, match=r"StackedHiddenStatesBert returned its hidden_states as one tensor.*"
+                                         r"lbe_target_modules"):
+        capture.collect(outputs)
+
+
+class Gated(nn.Module):
+    """An MLP whose `gate` module returns a bool mask (`x > 0`), used to zero half of the units."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.gate = Positive()
+        self.act = nn.Tanh()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(self.act(h) * self.gate(h))
+
+
+class Positive(nn.Module):
+    def forward(self, x):
+        return x > 0
+
+
+@pytest.mark.parametrize("target", ["gate", "argmax"])
+def test_integer_or_boolean_module_output_is_an_error_naming_the_module(target):
+    model = Gated()
+    if target == "argmax":
+        model.gate.forward = lambda x: x.argmax(-1, keepdim=True)  # an int64 output
+    capture = ForwardHookCapture(resolve_target_modules(model, ["act", "gate"]), model)
+    with pytest.raises(TypeError, match=r"'gate' \(Positive\) returned a torch\.(bool|int64) tensor.*lbe_target_modules"):
+        with capture.capturing():
+            model(torch.randn(5, 4))
+    # The float module alone is fine.
+    capture = ForwardHookCapture(resolve_target_modules(model, ["act"]), model)
+    with capture.capturing():
+        model(torch.randn(5, 4))
+    assert capture.collect()[1] == ["act"]

@@ -350,3 +350,32 @@ def test_h_the_frontiers_clip_gives_trainers_gradients_and_norm(tmp_path, max_gr
         norms[name] = (clip(trainer, trainer.model), [p.grad.clone() for p in trainer.model.parameters()])
     assert torch.equal(norms["trainer"][0], norms["frontier"][0])
     assert all(torch.equal(a, b) for a, b in zip(norms["trainer"][1], norms["frontier"][1]))
+
+
+@pytest.mark.parametrize("case", ["labels", "no-labels", "loss-only", "no-generate"])
+def test_generation_loss_forward_is_seq2seq_trainers_labelled_forward_after_generating(tmp_path, case):
+    """The copy says yes exactly where `Seq2SeqTrainer.prediction_step` runs a forward with the labels itself
+    (not through compute_loss) after generating."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
+                                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), predict_with_generate=case != "no-generate",
+                                    generation_max_length=4, report_to="none", use_cpu=True)
+    trainer = Seq2SeqTrainer(model=model, args=args)
+    inputs = {"input_ids": torch.randint(2, 20, (2, 5))}
+    if case != "no-labels":
+        inputs["labels"] = torch.randint(2, 20, (2, 3))
+    loss_only = case == "loss-only"
+    if case in ("labels", "no-labels"):  # generation: any loss forward runs outside compute_loss
+        trainer.compute_loss = lambda *a, **k: pytest.fail("compute_loss was called")
+    direct = []
+    handle = model.register_forward_pre_hook(
+        lambda m, a, kw: direct.append(True) if kw.get("labels") is not None else None, with_kwargs=True)
+    trainer.prediction_step(model, dict(inputs), prediction_loss_only=loss_only)
+    handle.remove()
+    decided = _compat.generation_loss_forward(trainer, inputs, loss_only, Seq2SeqTrainer)
+    assert decided == (case == "labels")
+    # Where it decides yes, the labelled forward ran outside compute_loss (compute_loss would have failed the test).
+    assert decided <= bool(direct)

@@ -33,7 +33,7 @@ _spec = importlib.util.spec_from_file_location("distributed_worker", WORKER_PATH
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
-TWO_PROCESS_SCENARIOS = ("sync", "nosync", "avg_tokens", "resume_same", "resume_other")
+TWO_PROCESS_SCENARIOS = ("sync", "nosync", "avg_tokens", "resume_same", "resume_other", "unequal")
 ATOL = 1e-5
 
 
@@ -96,6 +96,8 @@ def _max_param_diff(a: dict, b: dict) -> float:
 
 def test_two_processes_ran(runs):
     for name in TWO_PROCESS_SCENARIOS:
+        if name == "unequal":
+            continue
         assert [r["world_size"] for r in runs[name]] == [2, 2], name
         assert [r["rank"] for r in runs[name]] == [0, 1], name
     assert runs["single/sync"][0]["world_size"] == 1
@@ -131,6 +133,16 @@ def test_sync_entropy_two_by_four_equals_one_by_eight(runs):
     assert _max_param_diff(rank1["params"], single["params"]) < ATOL
     # The run actually moved the parameters (the comparison is not between two copies of the initialization).
     assert _max_param_diff(single["params"], worker.tiny_bert().state_dict()) > 1e-3
+
+
+def test_sync_entropy_with_unequal_sequence_lengths_is_the_same_error_on_every_rank(runs):
+    """Sequences of 8 tokens on rank 0 and 9 on rank 1 (dynamic padding): each unit's statistics cannot be pooled.
+    Every rank raises the same error, naming the cause and the fix, before the all-reduces whose sizes differ (gloo
+    would abort one rank with a size mismatch, NCCL would hang)."""
+    rank0, rank1 = runs["unequal"]
+    assert rank0["error"] is not None and rank0["error"] == rank1["error"]
+    assert "lbe_sync_entropy" in rank0["error"] and "sequence length" in rank0["error"]
+    assert "(batch, 8, 32)" in rank0["error"] and "(batch, 9, 32)" in rank0["error"]
 
 
 def test_logged_metrics_are_reduced_across_processes(runs):

@@ -59,6 +59,29 @@ def test_seq2seq_trainer_regularizes_encoder_and_decoder_and_generates(tmp_path)
     assert "test_loss" in output.metrics
 
 
+def test_seq2seq_evaluation_with_generate_reports_the_entropies_of_its_teacher_forced_forward(tmp_path):
+    """With predict_with_generate, Seq2SeqTrainer generates, then runs the labelled batch through the model (teacher
+    forcing) for the loss, without compute_loss. That forward is the one measured (lbe_eval_entropy), not the decoding
+    steps: the same entropies as the evaluation without generation, whose loss forward goes through compute_loss."""
+    ds = copy_task()
+    metrics = {}
+    for generate in (False, True):
+        args = BatchEntropySeq2SeqConfig(
+            output_dir=str(tmp_path / str(generate)), per_device_eval_batch_size=8, report_to="none", use_cpu=True,
+            disable_tqdm=True, predict_with_generate=generate, generation_max_length=8, lbe_eval_entropy=True,
+        )
+        trainer = BatchEntropySeq2SeqTrainer(model=tiny_t5(), args=args, eval_dataset=ds)
+        metrics[generate] = trainer.evaluate()
+        if generate:
+            predicted = trainer.predict(ds)
+            assert predicted.predictions.dtype.kind == "i"  # generated token ids, as without LBE
+            assert "test_batch_entropy_mean" in predicted.metrics
+    plain, generated = metrics[False], metrics[True]
+    assert plain["eval_batch_entropy_mean"] > 0
+    for key in ("eval_loss", "eval_batch_entropy_mean", "eval_batch_entropy_min"):
+        assert generated[key] == pytest.approx(plain[key], abs=1e-6), key
+
+
 def test_seq2seq_plain_arguments_are_upgraded(tmp_path):
     from transformers import Seq2SeqTrainingArguments
 

@@ -166,6 +166,33 @@ def test_predict_writes_label_names(tmp_path, tiny_model):
     assert not (out / "train_results.json").exists()
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["dynamic", "sync_entropy"])
+def test_sync_entropy_pads_every_batch_to_max_seq_length(tmp_path, tiny_model, monkeypatch, sync):
+    """With --lbe_sync_entropy every process must measure batches of one length (each unit is pooled across
+    processes): the script pads to --max_seq_length instead of padding each batch to its longest example."""
+    lengths = []
+
+    class Recording(run_glue.BatchEntropyTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            lengths.append(inputs["input_ids"].shape[1])
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(run_glue, "BatchEntropyTrainer", Recording)
+    out = tmp_path / "out"
+    run_glue.main(
+        [
+            "--model_name_or_path", tiny_model, "--task_name", "sst2",
+            "--train_file", str(GLUE_DIR / "SST-2" / "train.tsv"), "--do_train", "--max_train_samples", "32",
+            *common_args(out, max_seq_length="48", lbe_sync_entropy=str(sync).lower()),
+        ]
+    )
+    assert len(lengths) == 2
+    if sync:
+        assert lengths == [48, 48]
+    else:
+        assert max(lengths) < 48  # dynamic padding: each batch to its longest sentence (the default)
+
+
 def test_regression_stsb(tmp_path, tiny_model):
     """STS-B: num_labels=1, float labels (MSE), Pearson/Spearman, scores in the predictions file."""
     header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"

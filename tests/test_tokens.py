@@ -195,3 +195,135 @@ def test_t5_decoder_takes_the_decoder_mask_by_config():
     _, masks = layout.views({"attention_mask": enc, "labels": labels},
                             [torch.randn(2, 4, 3), torch.randn(2, 3, 3)], ["encoder_hidden_states.0", "decoder_hidden_states.0"])
     assert torch.equal(masks[0], enc.bool()) and torch.equal(masks[1], labels != -100)
+
+
+# --- masks of other shapes: multiple choice, two towers ---------------------------------------------------------------
+
+
+def measured_passes(trainer):
+    """Record what `trainer` measures in evaluation: per pass, the activations and masks handed to the estimator."""
+    passes = []
+    original = trainer._measure_eval
+
+    def record(activations, masks):
+        passes.append(([a.detach() for a in activations], list(masks)))
+        return original(activations, masks)
+
+    trainer._measure_eval = record
+    return passes
+
+
+def choice_batch(num: int = 4, choices: int = 3, length: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Multiple-choice inputs `(B, C, T)`, each choice right-padded to its own length (2..T)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 64, (num, choices, length), generator=g)
+    lengths = torch.randint(2, length + 1, (num, choices), generator=g)
+    mask = (torch.arange(length) < lengths.unsqueeze(-1)).long()
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, choices, (num,), generator=g)}
+
+
+class ChoiceScorer(torch.nn.Module):
+    """A plain multiple-choice module around a BERT encoder (no Transformers head, no `base_model`), which hands the
+    encoder its inputs positionally, as `(B·C, T)`."""
+
+    def __init__(self):
+        from transformers import BertModel
+
+        from conftest import tiny_bert_config
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.bert = BertModel(tiny_bert_config())
+        self.score = torch.nn.Linear(32, 1)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        num, choices, length = input_ids.shape
+        pooled = self.bert(input_ids.view(-1, length), attention_mask.view(-1, length)).pooler_output
+        logits = self.score(pooled).view(num, choices)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("model_kind, targets", [("bert", None), ("bert", ["intermediate_act_fn"]),
+                                                 ("plain", ["intermediate_act_fn"])],
+                         ids=["hidden_states", "hooks", "plain-module"])
+def test_multiple_choice_is_masked_as_batch_times_choices_sequences(tmp_path, model_kind, targets):
+    """`attention_mask` `(B, C, T)`: the model runs `B·C` sequences; each is measured over its own real tokens, exactly
+    as the same sequences flattened to `(B·C, T)` and padded."""
+    from transformers import BertForMultipleChoice
+
+    from conftest import tiny_bert_config
+    from hf_batch_entropy.entropy import batch_entropies
+
+    torch.manual_seed(0)
+    model = BertForMultipleChoice(tiny_bert_config()) if model_kind == "bert" else ChoiceScorer()
+    batch = choice_batch()
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(4)]
+    trainer = BatchEntropyTrainer(model=model, args=make_args(tmp_path, per_device_eval_batch_size=4,
+                                                              lbe_eval_entropy=True, lbe_target_modules=targets),
+                                  eval_dataset=DictDataset(rows))
+    passes = measured_passes(trainer)
+    trainer.evaluate()
+    (activations, masks), = passes
+    flat_ids, flat_mask = batch["input_ids"].view(12, 6), batch["attention_mask"].view(12, 6)
+    assert all(m is not None and torch.equal(m, flat_mask.bool()) for m in masks)
+    # The reference: the same 12 sequences through the backbone, flattened and padded.
+    with torch.no_grad():
+        if targets is None:
+            reference = list(model.bert(flat_ids, attention_mask=flat_mask, output_hidden_states=True).hidden_states)
+        else:
+            reference = []
+            handles = [layer.intermediate.intermediate_act_fn.register_forward_hook(lambda m, a, o: reference.append(o))
+                       for layer in model.bert.encoder.layer]
+            model.bert(flat_ids, attention_mask=flat_mask)
+            for handle in handles:
+                handle.remove()
+        want = batch_entropies(reference, masks=[flat_mask] * len(reference))
+        got = batch_entropies(activations, masks=masks)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    padded_in = batch_entropies(reference)  # the padding counted: another value, so the mask is what matters
+    assert (padded_in - want).abs().max() > 1e-3
+
+
+def tiny_clip(seed: int = 0):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=16, eos_token_id=1, bos_token_id=0, pad_token_id=0),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=8, patch_size=4, num_channels=3),
+        projection_dim=8,
+    )
+    return CLIPModel(config)
+
+
+@pytest.mark.parametrize("text_length", [5, 7], ids=["same-length-as-image-tokens", "other-length"])
+def test_a_tower_is_never_measured_with_the_other_towers_mask(tmp_path, text_length):
+    """CLIP: the text tower's activations take the text's attention mask, the vision tower's (1 + 4 patch tokens)
+    none, also when the image tokens are as many as the text tokens and the batches as large (shapes that match)."""
+    model = tiny_clip()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([2, 5, 3, 4])
+    mask = (torch.arange(text_length) < lengths.unsqueeze(1)).long()
+    rows = [{"input_ids": torch.randint(2, 40, (text_length,), generator=g) * mask[i], "attention_mask": mask[i],
+             "pixel_values": torch.randn(3, 8, 8, generator=g)} for i in range(4)]
+
+    def collate(features):
+        stacked = {k: torch.stack([f[k] for f in features]) for k in features[0]}
+        return {**stacked, "return_loss": True}
+
+    trainer = BatchEntropyTrainer(model=model, data_collator=collate, eval_dataset=DictDataset(rows),
+                                  args=make_args(tmp_path, per_device_eval_batch_size=4, lbe_eval_entropy=True))
+    passes = measured_passes(trainer)
+    trainer.evaluate()
+    (activations, masks), = passes
+    names = trainer._layer_names
+    text = [i for i, n in enumerate(names) if n.startswith("text_model.")]
+    vision = [i for i, n in enumerate(names) if n.startswith("vision_model.")]
+    assert len(text) == len(vision) == 2 and len(names) == 4
+    assert all(activations[i].shape[:2] == (4, 5) for i in vision)
+    for i in text:
+        assert masks[i] is not None and torch.equal(masks[i], mask.bool()), names[i]
+    for i in vision:
+        assert masks[i] is None, names[i]

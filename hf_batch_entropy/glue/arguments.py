@@ -143,7 +143,7 @@ class DataTrainingArguments:
         default=False,
         metadata={
             "help": "Pad every example to --max_seq_length. Default: pad each batch to its longest example "
-            "(dynamic padding), which is faster."
+            "(dynamic padding), which is faster; with --lbe_sync_entropy always on (every process must see one length)."
         },
     )
     max_train_samples: int | None = field(
