@@ -66,17 +66,26 @@ _ATTRIBUTES = {"alpha": "alpha_init"}
 _OPTIMIZER_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
-def raise_if_nonfinite(nonfinite: torch.Tensor, layer_names: Sequence[str]) -> None:
-    """Raise a `FloatingPointError` naming the layers whose entry of `nonfinite` `(L,)` is non-zero (a count or a flag
-    of NaN/inf batch-entropies). Reads `nonfinite` on the host: call it where a synchronization is acceptable."""
+def nonfinite_message(nonfinite: torch.Tensor, layer_names: Sequence[str]) -> str | None:
+    """What is wrong where an entry of `nonfinite` `(L,)` is non-zero (a count or a flag of NaN/inf batch-entropies),
+    naming those layers; None where all are zero. Reads `nonfinite` on the host: call it where a synchronization is
+    acceptable."""
     bad = [layer_names[i] for i, count in enumerate(nonfinite.tolist()) if count]
-    if bad:
-        raise FloatingPointError(
-            f"Batch-entropy is NaN or inf for {len(bad)} layer(s): {', '.join(bad[:10])}"
-            f"{' ...' if len(bad) > 10 else ''}. Their activations contain NaN or inf values, so the model has "
-            "diverged (or overflowed in fp16). Lower the learning rate, enable gradient clipping "
-            "(`max_grad_norm`), or train in bf16/fp32 instead of fp16."
-        )
+    if not bad:
+        return None
+    return (
+        f"Batch-entropy is NaN or inf for {len(bad)} layer(s): {', '.join(bad[:10])}"
+        f"{' ...' if len(bad) > 10 else ''}. Their activations contain NaN or inf values, so the model has "
+        "diverged (or overflowed in fp16). Lower the learning rate, enable gradient clipping "
+        "(`max_grad_norm`), or train in bf16/fp32 instead of fp16."
+    )
+
+
+def raise_if_nonfinite(nonfinite: torch.Tensor, layer_names: Sequence[str]) -> None:
+    """Raise a `FloatingPointError` with `nonfinite_message` where some layer's batch-entropy was NaN/inf."""
+    message = nonfinite_message(nonfinite, layer_names)
+    if message:
+        raise FloatingPointError(message)
 
 
 @dataclass

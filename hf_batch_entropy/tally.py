@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .regularizer import raise_if_nonfinite
+from .regularizer import nonfinite_message, raise_if_nonfinite
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class MetricTally:
         self._sums: dict[str, dict[str, torch.Tensor]] = {}  # mode → name → sum on the device
         self._start: dict[str, int] = {}
         self._warned_unmeasured = False
+        self._warned_nonfinite = False
 
     def add(self, mode: str, **values: torch.Tensor) -> None:
         """Add named values to this mode's tally (sums on the device, nothing read on the host)."""
@@ -101,9 +102,11 @@ class MetricTally:
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         num_processes: int = 1,
         steps: int = 1,
+        strict: bool = True,
     ) -> dict[str, Any]:
         """This mode's tally summed across processes (one `reduce` of one flat tensor), then forgotten; raises a
-        `FloatingPointError` naming the layers (`layer_names`) whose entropies were NaN/inf.
+        `FloatingPointError` naming the layers (`layer_names`) whose entropies were NaN/inf, or with `strict=False`
+        (the entropies are only measured, not in the loss) warns once and reports them as they are.
 
         Returns the means: entropy metrics per measured forward pass, `PER_STEP` ones per process and optimizer step
         (`steps`: the window's optimizer steps), `batch_entropy_per_layer` as a list. Empty when nothing was tallied.
@@ -121,7 +124,13 @@ class MetricTally:
             values[name] = listed[offset] if tally[name].dim() == 0 else listed[offset : offset + size]
             offset += size
         if "nonfinite" in values:
-            raise_if_nonfinite(torch.tensor(values.pop("nonfinite")), layer_names)
+            nonfinite = torch.tensor(values.pop("nonfinite"))
+            if strict:
+                raise_if_nonfinite(nonfinite, layer_names)
+            elif not self._warned_nonfinite and (message := nonfinite_message(nonfinite, layer_names)):
+                logger.warning(f"{message} The entropies are only measured (lbe_beta=0): training goes on as "
+                               "Trainer's would. Said once.")
+                self._warned_nonfinite = True
         measured = values.pop("measured", 0.0)
         passes = values.pop("passes", 0.0)
         layers = values.pop("layers_measured", None)

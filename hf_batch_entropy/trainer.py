@@ -377,9 +377,10 @@ class BatchEntropyMixin:
     # --- metrics -----------------------------------------------------------------------------------------------------
 
     def _flush(self, mode: str, steps: int = 1) -> dict[str, Any]:
-        """This mode's tally, reduced across processes and read (see `MetricTally.flush`)."""
+        """This mode's tally, reduced across processes and read (see `MetricTally.flush`). NaN/inf entropies are an
+        error where they enter the loss (training with `lbe_beta > 0`); at β = 0 a diverging run goes on as Trainer's."""
         return self._lbe_tally.flush(mode, self._layer_names, lambda flat: self.accelerator.reduce(flat, reduction="sum"),
-                                   self.accelerator.num_processes, steps)
+                                   self.accelerator.num_processes, steps, strict=self.args.lbe_beta > 0)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: Trainer's "loss" is averaged over the same window

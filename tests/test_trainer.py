@@ -292,6 +292,19 @@ def test_nan_activations_are_a_clear_error(tmp_path):
         trainer.train()
 
 
+def test_nan_activations_at_beta_zero_train_on_like_trainer_with_one_warning(tmp_path, caplog):
+    """At β = 0 the entropies are only measured: a diverging run goes on as under Trainer (transformers' own
+    test_logging_inf_nan_filter trains a model to NaN), and the log says which layers were NaN, once."""
+    ds = vector_dataset()
+    ds.rows[3] = {**ds.rows[3], "x": torch.full((8,), float("nan"))}
+    trainer = BatchEntropyTrainer(model=TinyMLP(), args=make_args(tmp_path, lbe_beta=0.0), train_dataset=ds)
+    with caplog.at_level("WARNING", logger="hf_batch_entropy"):
+        trainer.train()
+    assert trainer.state.global_step == trainer.state.max_steps
+    warnings = [r.getMessage() for r in caplog.records if "NaN or inf" in r.getMessage()]
+    assert len(warnings) == 1 and "lbe_beta=0" in warnings[0]
+
+
 def test_layer_count_changing_between_steps_is_a_clear_error(tmp_path):
     class Skippy(TinyMLP):
         calls = 0
