@@ -13,6 +13,7 @@ from experiments.autoencoder.cli import main as autoencoder_main
 from experiments.autoencoder.cli import scores, ssim_kernel
 from experiments.families.data import load_images
 from experiments.families.report import mean_std
+from experiments.resnet.cli import NoShortcut, build_resnet
 from experiments.resnet.cli import main as resnet_main
 from experiments.vit.cli import main as vit_main
 
@@ -43,6 +44,20 @@ def test_resnet_regularizes_every_residual_block(tmp_path):
     assert base["task_loss"] != lbe["task_loss"]  # same init and data order: LBE changed the updates
     assert set(payload["summary_accuracy"]) == {"0", "0.5"}
     _check_files(tmp_path, payload)
+
+
+def test_plain_resnet_has_no_shortcut():
+    torch.manual_seed(0)
+    residual = build_resnet(1, [8, 16])
+    torch.manual_seed(0)
+    plain = build_resnet(1, [8, 16], plain=True)
+    blocks = [m for m in plain.modules() if type(m).__name__ == "ResNetBasicLayer"]
+    assert len(blocks) == 2 and all(isinstance(b.shortcut, NoShortcut) for b in blocks)
+    block = blocks[1].eval()  # the stride-2 block: its output is act(layer(x)) alone
+    x = torch.randn(2, 8, 4, 4)
+    torch.testing.assert_close(block(x), block.activation(block.layer(x)))
+    x = torch.randn(2, 1, 28, 28)
+    assert not torch.allclose(residual.eval()(pixel_values=x).logits, plain.eval()(pixel_values=x).logits)
 
 
 @pytest.mark.slow
