@@ -41,6 +41,8 @@ _ON_USE = {
     "bundled_minilm_path": "glue",
     "load_glue_files": "glue",
     "load_glue_metric": "metrics",
+    "DenseAutoencoderConfig": "models",
+    "DenseAutoencoderModel": "models",
     "VanillaCNNConfig": "models",
     "VanillaCNNForImageClassification": "models",
     "VanillaMLPConfig": "models",

@@ -1,4 +1,5 @@
-"""Vanilla deep networks (no skip connections, no normalization, no dropout) as Transformers models.
+"""Vanilla deep networks (no skip connections, no normalization, no dropout) as Transformers models: the MLP and CNN
+classifiers, and the fully connected autoencoder (`AutoModel`, `AutoConfig.for_model("dense_autoencoder", depth=50)`).
 
 Importing this package registers them with the Auto classes, so that
 
@@ -12,9 +13,11 @@ repository) then loads anywhere with `AutoModelForImageClassification.from_pretr
 without `hf_batch_entropy` installed.
 """
 
-from transformers import AutoConfig, AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+from .configuration_autoencoder import DenseAutoencoderConfig
 from .configuration_vanilla import VanillaCNNConfig, VanillaMLPConfig
+from .modeling_autoencoder import AutoencoderOutput, DenseAutoencoderModel, DenseAutoencoderPreTrainedModel
 from .modeling_vanilla import (
     VanillaCNNForImageClassification,
     VanillaCNNPreTrainedModel,
@@ -23,6 +26,10 @@ from .modeling_vanilla import (
 )
 
 __all__ = [
+    "AutoencoderOutput",
+    "DenseAutoencoderConfig",
+    "DenseAutoencoderModel",
+    "DenseAutoencoderPreTrainedModel",
     "VanillaCNNConfig",
     "VanillaCNNForImageClassification",
     "VanillaCNNPreTrainedModel",
@@ -41,6 +48,12 @@ for _config_cls, _model_cls in (
     AutoModelForImageClassification.register(_config_cls, _model_cls, exist_ok=True)
     _config_cls.register_for_auto_class()
     _model_cls.register_for_auto_class("AutoModelForImageClassification")
+
+# The autoencoder has no task head: it loads with AutoModel.
+AutoConfig.register(DenseAutoencoderConfig.model_type, DenseAutoencoderConfig, exist_ok=True)
+AutoModel.register(DenseAutoencoderConfig, DenseAutoencoderModel, exist_ok=True)
+DenseAutoencoderConfig.register_for_auto_class()
+DenseAutoencoderModel.register_for_auto_class("AutoModel")
 
 
 def build_vanilla_model(
