@@ -58,9 +58,11 @@ __all__ = [
 PI_E = math.pi * math.e
 
 # Layers are stacked in chunks of at most this many floats so that the transient stacked copy stays small. On CPUs the
-# chunks are smaller still, about an L2 cache: the reductions over a chunk then run from the cache, not from memory.
+# chunks are smaller still, 2 MiB, about an L2 cache: the reductions over a chunk then run from the cache, not from
+# memory (on the depth-500 MLP of width 256, 16 layers per chunk were a few percent faster than 8 or 64; the values
+# do not depend on the chunking, each layer's reductions are its own).
 _MAX_CHUNK_NUMEL = 1 << 24
-_CPU_CHUNK_NUMEL = 1 << 18
+_CPU_CHUNK_NUMEL = 1 << 19
 
 # Where the backward of the fused path computes the gradients layer by layer rather than one stacked chunk at a time.
 _PER_LAYER_BACKWARD_DEVICES = ("cpu",)
