@@ -15,7 +15,8 @@ in alternating order, median process CPU time:
 - `alpha_step`: plus α's own AdamW step;
 - `tally`: plus the trainer's metric tally of the step (`MetricTally.add_pass`, the loss split).
 
-Then the trainers themselves (`scripts/benchmark.py`'s turns, `--clock cpu`), and the floor: one read of the 500
+The same parts on their own (the estimator's forward, its forward and backward, α's step, the tally, the NaN
+count), then the trainers themselves (`scripts/benchmark.py`'s turns, `--clock cpu`), and the floor: one read of the 500
 activations (`sum`) and one write of a gradient per layer (`empty_like` + `fill_`), to compare with what LBE adds.
 """
 
@@ -120,9 +121,39 @@ def main() -> None:
         results["bare"][name] = _median_ms(times[name])
     tally.discard()
 
-    # The floor: one read of every activation, one gradient tensor written per layer.
+    # The parts on their own (many repetitions, each far shorter than a step, so less exposed to other jobs).
     with torch.no_grad():
         hidden = list(model(pixel_values=x, output_hidden_states=True).hidden_states)
+    leaves = [h.clone().requires_grad_() for h in hidden]
+    entropies = batch_entropies(hidden)
+
+    def estimator_forward_backward():
+        batch_entropies(leaves).sum().backward()
+        for leaf in leaves:
+            leaf.grad = None
+
+    def alpha_step():
+        (regularizer.targets() - entropies).square().mean().backward()
+        regularizer.step()
+
+    isolated = {
+        "estimator forward, no graph": lambda: batch_entropies(hidden),
+        "estimator forward + backward (gradients into leaves)": estimator_forward_backward,
+        "alpha's AdamW step (with its tiny backward)": alpha_step,
+        "metric tally (add_pass)": lambda: tally.add_pass("train", entropies, None, lbe_alpha_mean=entropies.mean()),
+        "NaN/inf count of the entropies": lambda: (~torch.isfinite(entropies)).float(),
+    }
+    results["isolated"] = {}
+    for name, fn in isolated.items():
+        fn()
+        samples = []
+        for _ in range(5 * args.reps):
+            begin = time.process_time()
+            fn()
+            samples.append(time.process_time() - begin)
+        results["isolated"][name] = _median_ms(samples)
+    tally.discard()
+    del leaves
     floor = {"read": [], "write": []}
     for _ in range(args.reps):
         begin = time.process_time()
@@ -181,6 +212,8 @@ def main() -> None:
     for v, r in results["trainers"].items():
         print(f"trainer {v:12s} {r['median_ms']:10.1f} (fastest {r['fastest_ms']:.1f})")
     print("floor:", results["floor"])
+    for name, r in results["isolated"].items():
+        print(f"isolated {name}: {r['median_ms']} ms (fastest {r['fastest_ms']})")
     for row in results["profile_difference"][:20]:
         print(f"  {row['extra_self_cpu_ms_per_step']:8.2f} ms  {row['extra_calls_per_step']:8.1f} calls  {row['op']}")
     output = {"provenance": record, "note": args.note, "settings": vars(args),
