@@ -294,3 +294,27 @@ def test_backward_of_a_chunk_runs_when_the_model_backward_reaches_it(monkeypatch
     assert len(chunks) == 3
     assert chunks[1] > events.index(("layer", 6)) and chunks[2] > events.index(("layer", 3))
     assert all(w.grad is not None for w in weights)
+
+
+def test_gradient_of_a_2d_layer_is_added_in_place_to_the_model_gradient():
+    """The estimator's gradient of a 2-D layer `(B, U)` reaches the layer as a fresh tensor, not through a view node, so
+    autograd adds the model's own gradient of that layer to it in place: no out-of-place `aten::add` (a new tensor and
+    a copy) per layer. (Seen through `reshape(B, -1)`, 447 of 500 layers of the depth-500 MLP were added out of place.)"""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    weights = [(torch.randn(16, 16) * 0.3).requires_grad_() for _ in range(12)]
+    h = torch.randn(8, 16)
+    hidden = []
+    for w in weights:
+        h = torch.relu(h @ w)
+        hidden.append(h)
+    loss = hidden[-1].sum() + batch_entropies(hidden).sum()
+    with profile() as prof:
+        loss.backward()
+    counts = {event.key: event.count for event in prof.key_averages()}
+    # Two are not per layer: the last layer's gradient from `.sum()` (an expanded view) and the loss's own sum. The
+    # previous estimator made 13 here (one per layer that got its gradient from the estimator first).
+    assert counts.get("aten::add", 0) <= 2, counts.get("aten::add")
+    assert counts.get("aten::add_", 0) >= len(hidden) - 1  # the additions happen, in place
+    assert all(w.grad is not None for w in weights)

@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="what a step's time is: wall time (default), or this process's CPU time (CPU only; with --threads 1 it "
         "is the step's compute, which other jobs on a shared machine barely move, while its wall time can grow 5-10×)",
     )
+    parser.add_argument("--note", default="", help="recorded in the JSON (e.g. what else ran on the host)")
     opts = parser.parse_args(argv)
     for flag, low in (("steps", 1), ("rounds", 1), ("memory_steps", 1), ("memory_repeats", 1), ("warmup", 0),
                       ("batch_size", 2), ("threads", 1)):
@@ -247,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup": opts.warmup,
         "rounds": opts.rounds,
         "clock": opts.clock,
+        "note": opts.note,
+        # The CPU kernel sets in force (another CPU's kernels: e.g. MKL_ENABLE_INSTRUCTIONS=AVX2), and the host's load.
+        "cpu_kernel_env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                                      "ONEDNN_MAX_CPU_ISA") if k in os.environ},
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     log(
         f"{device_name}; torch {torch.__version__}, {torch.get_num_threads()} threads, {WORLD_SIZE} process(es); "
@@ -266,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{', torch.compile' if opts.torch_compile else ''}; "
         f"ratio = BatchEntropyTrainer / Trainer",
     )
+    meta["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = {"meta": meta, "results": results, "table": table, "complete": True}
     if _write(opts.output, out):
         log(f"wrote {opts.output}")
