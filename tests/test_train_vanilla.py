@@ -494,3 +494,24 @@ def test_the_diagnosis_suggests_the_frontiers_recipe():
     for key, value in suggested.items():
         got = getattr(args, key)
         assert getattr(got, "value", got) == value, key
+
+
+def test_plot_curves_mean_and_std_over_seeds(tmp_path):
+    """plot_curves: per run kind at one depth, the steps every seed evaluated, mean and sample std of the accuracy."""
+    from experiments.frontier import plot_curves
+
+    def run(kind, depth, seed, accs):
+        return {"run": kind, "depth": depth, "seed_index": seed,
+                "eval_curve": [{"step": 100 * (i + 1), "accuracy": a} for i, a in enumerate(accs)]}
+
+    runs = [run("lbe", 500, 0, [0.1, 0.2]), run("lbe", 500, 1, [0.1, 0.4, 0.5]), run("baseline", 500, 0, [0.1, 0.1]),
+            run("lbe", 30, 0, [0.9, 0.9]), run("ceiling", 2, 0, [0.9, 0.97])]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": runs}))
+    got = plot_curves.curves(str(path), 500)
+    steps, mean, std, n = got["lbe"]
+    assert steps.tolist() == [100, 200] and n == 2
+    assert np.allclose(mean, [10, 30]) and np.allclose(std, [0, np.sqrt(200)])
+    assert got["baseline"][3] == 1 and got["baseline"][2].tolist() == [0, 0] and "ceiling" in got
+    plot_curves.main([f"default={path}", "--depth", "500", "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 1000
