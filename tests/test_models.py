@@ -165,6 +165,62 @@ def test_auto_classes_round_trip(builder, tmp_path):
     assert torch.equal(model(pixel_values=x).logits, loaded(pixel_values=x).logits)
 
 
+def test_orthogonal_init_of_the_mlp():
+    """initialization="orthogonal": σ_w·Q weights (rows orthonormal up to σ_w; the classifier's gain 1), N(0, σ_b²)
+    biases; the default gain follows the activation (√2 ReLU, 1.05 tanh) and is written into the config."""
+    model = _mlp(depth=4, width=16, activation="tanh", initialization="orthogonal", init_bias_std=0.1)
+    assert model.config.init_gain == 1.05
+    for layer in model.layers[1:]:
+        w = layer.dense.weight.detach()
+        assert torch.allclose(w @ w.T, 1.05**2 * torch.eye(16), atol=1e-5)
+    first = model.layers[0].dense.weight.detach()  # 16 × 64: semi-orthogonal, orthonormal rows
+    assert torch.allclose(first @ first.T, 1.05**2 * torch.eye(16), atol=1e-5)
+    out = model.classifier.weight.detach()  # 10 × 16, gain 1
+    assert torch.allclose(out @ out.T, torch.eye(10), atol=1e-5)
+    biases = torch.cat([layer.dense.bias.detach() for layer in model.layers])
+    assert 0.07 < biases.std().item() < 0.13
+    relu = _mlp(initialization="orthogonal")
+    assert relu.config.init_gain == pytest.approx(math.sqrt(2)) and relu.layers[1].dense.bias.abs().max() == 0
+    w = relu.layers[1].dense.weight.detach()
+    assert torch.allclose(w @ w.T, 2 * torch.eye(16), atol=1e-5)
+
+
+def test_delta_orthogonal_init_of_the_cnn():
+    """initialization="delta_orthogonal" (Xiao et al. 2018): each kernel is zero but its centre tap, σ_w·Q with Q
+    (semi-)orthogonal, so each convolution is at initialization an orthogonal map of the channels at every pixel."""
+    model = _cnn(depth=3, channels=4, kernel_size=3, activation="tanh", initialization="delta_orthogonal",
+                 init_gain=1.2)
+    for i, layer in enumerate(model.layers):
+        k = layer.conv.weight.detach()
+        centre = k[:, :, 1, 1]
+        off_centre = k.clone()
+        off_centre[:, :, 1, 1] = 0
+        assert off_centre.abs().max() == 0 and layer.conv.bias.abs().max() == 0
+        gram = centre.T @ centre if i == 0 else centre @ centre.T  # the first maps 1 → 4 channels
+        assert torch.allclose(gram, 1.2**2 * torch.eye(gram.shape[0]), atol=1e-5)
+    # Hence an isometry of the layer's input (no bias, before the activation).
+    x = torch.randn(2, 4, 8, 8)
+    conv = model.layers[1].conv
+    assert torch.allclose(conv(x).norm(), 1.2 * x.norm(), rtol=1e-5)
+    fc = model.fc.dense.weight.detach()  # 128 × 256: orthonormal rows times σ_w
+    assert torch.allclose(fc @ fc.T, 1.2**2 * torch.eye(128), atol=1e-4)
+
+
+@pytest.mark.parametrize("builder, scheme", [(_mlp, "orthogonal"), (_cnn, "delta_orthogonal")])
+def test_initialization_round_trips_through_save_pretrained(builder, scheme, tmp_path):
+    model = builder(activation="tanh", initialization=scheme, init_bias_std=0.05)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert (loaded.config.initialization, loaded.config.init_gain, loaded.config.init_bias_std) == (scheme, 1.05, 0.05)
+    # The saved weights come back as they were: loading redraws none of them (the delta kernels' zeros included).
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    # A fresh model from the saved config draws the same scheme.
+    torch.manual_seed(1)
+    fresh = type(model)(loaded.config)
+    assert fresh.config.initialization == scheme and fresh.classifier.bias.abs().max() < 0.5
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="activation"):
         VanillaMLPConfig(activation="relux")
@@ -177,6 +233,15 @@ def test_config_validation():
     assert VanillaCNNConfig(image_size=28).fc_size == 2 * 28 * 28
     with pytest.raises(ValueError, match="arch"):
         build_vanilla_model("rnn", depth=2, width=4)
+    with pytest.raises(ValueError, match=r"initialization must be one of \('default', 'orthogonal'\)"):
+        VanillaMLPConfig(initialization="delta_orthogonal")
+    with pytest.raises(ValueError, match="initialization must be one of .*'delta_orthogonal'"):
+        VanillaCNNConfig(initialization="orthogonal")
+    with pytest.raises(ValueError, match="init_gain must be a number > 0"):
+        VanillaMLPConfig(initialization="orthogonal", init_gain=0)
+    with pytest.raises(ValueError, match="init_bias_std must be a number >= 0"):
+        VanillaCNNConfig(init_bias_std=-1.0)
+    assert VanillaMLPConfig().init_gain is None  # the default init has no gain
 
 
 def test_bad_input_shape_is_a_clear_error():

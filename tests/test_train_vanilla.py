@@ -338,6 +338,10 @@ def test_module_entry_point_is_the_same_job():
     (["--activation", "relux"], "argument --activation: invalid choice: 'relux' (choose from "),
     (["--per_device_train_batch_size", "1"], "argument --per_device_train_batch_size: must be >= 2"),
     (["--lbe_layers", "reference", "--depth", "2", "--runs", "lbe"], "argument --lbe_layers: 'reference' leaves"),
+    (["--initialization", "delta_orthogonal"], "argument --initialization: 'delta_orthogonal' is not for --arch mlp "
+                                               "(choose 'default' or 'orthogonal')"),
+    (["--init_gain", "1.1"], "--init_gain and --init_bias_std set the orthogonal initializations: give "
+                             "--initialization orthogonal too"),
 ])
 def test_bad_input_is_a_one_line_usage_error(tmp_path, capsys, argv, message):
     """Exit status 2 and one line on stderr naming the flag (and the valid choices), before anything is written."""
@@ -439,6 +443,25 @@ def test_cnn_single_run_verbose(tmp_path, capsys):
     assert "{'loss'" not in out and "LBE regularizes" not in out
 
 
+def test_orthogonal_initializations(tmp_path):
+    """--initialization: the deep runs start from the scheme (recorded per run and in the model's config), the
+    baseline and the LBE run from the same weights; the ceiling stays He-normal."""
+    argv = ["--arch", "cnn", "--activation", "tanh", "--initialization", "delta_orthogonal", "--init_bias_std", "0.01",
+            "--depths", "2,3", "--width", "4", "--max_steps", "2", "--eval_strategy", "no", "--num_seeds", "1",
+            "--workers", "1", "--disable_tqdm", "true", "--per_device_train_batch_size", "32", "--logging_steps", "1"]
+    report = frontier.main(argv + ["--output_dir", str(tmp_path)])
+    runs = {r["name"]: r for r in report["runs"]}
+    assert runs["ceiling_depth2_seed0"]["init"] == "he_normal" and runs["ceiling_depth2_seed0"]["init_gain"] is None
+    for depth in (2, 3):
+        baseline, lbe = runs[f"baseline_depth{depth}_seed0"], runs[f"lbe_depth{depth}_seed0"]
+        assert (lbe["init"], lbe["init_gain"], lbe["init_bias_std"]) == ("delta_orthogonal", 1.05, 0.01)
+        assert baseline["init_checksum"] == lbe["init_checksum"]
+    # The same depth with the default init starts elsewhere.
+    default = frontier.main(argv[:4] + argv[8:] + ["--output_dir", str(tmp_path / "default")])
+    assert {r["init"] for r in default["runs"] if r["run"] != "ceiling"} == {"pytorch_default"}
+    assert default["runs"][-1]["init_checksum"] != runs["lbe_depth3_seed0"]["init_checksum"]
+
+
 def test_local_image_folder_dataset(tmp_path):
     """--dataset PATH: an image folder (class subfolders) through datasets' imagefolder loader, resized."""
     pytest.importorskip("datasets")
@@ -496,3 +519,24 @@ def test_the_diagnosis_suggests_the_frontiers_recipe():
     for key, value in suggested.items():
         got = getattr(args, key)
         assert getattr(got, "value", got) == value, key
+
+
+def test_plot_curves_mean_and_std_over_seeds(tmp_path):
+    """plot_curves: per run kind at one depth, the steps every seed evaluated, mean and sample std of the accuracy."""
+    from experiments.frontier import plot_curves
+
+    def run(kind, depth, seed, accs):
+        return {"run": kind, "depth": depth, "seed_index": seed,
+                "eval_curve": [{"step": 100 * (i + 1), "accuracy": a} for i, a in enumerate(accs)]}
+
+    runs = [run("lbe", 500, 0, [0.1, 0.2]), run("lbe", 500, 1, [0.1, 0.4, 0.5]), run("baseline", 500, 0, [0.1, 0.1]),
+            run("lbe", 30, 0, [0.9, 0.9]), run("ceiling", 2, 0, [0.9, 0.97])]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": runs}))
+    got = plot_curves.curves(str(path), 500)
+    steps, mean, std, n = got["lbe"]
+    assert steps.tolist() == [100, 200] and n == 2
+    assert np.allclose(mean, [10, 30]) and np.allclose(std, [0, np.sqrt(200)])
+    assert got["baseline"][3] == 1 and got["baseline"][2].tolist() == [0, 0] and "ceiling" in got
+    plot_curves.main([f"default={path}", "--depth", "500", "--out", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").stat().st_size > 1000

@@ -60,6 +60,22 @@ class ModelArguments:
     )
     width: int = field(default=64, metadata={"help": "Units per hidden layer (MLP) or channels per convolution (CNN)."})
     activation: str = field(default="relu", metadata={"help": "Activation, a key of transformers ACT2FN (relu, gelu, tanh...)."})
+    initialization: str = field(
+        default="default",
+        metadata={"help": "Initial weights of the deep networks (the ceiling is He-normal whatever this says): "
+                  "'default' (PyTorch's, as in the paper), 'orthogonal' (MLP: σ_w·orthogonal weights, N(0, σ_b²) "
+                  "biases, the dynamical-isometry alternative; use with --activation tanh) or 'delta_orthogonal' "
+                  "(CNN, Xiao et al. 2018: orthogonal kernel centres, zeros elsewhere). The model's config records it "
+                  "(hf_batch_entropy/models/configuration_vanilla.py documents the gains).",
+                  "choices": ["default", "orthogonal", "delta_orthogonal"]},
+    )
+    init_gain: float | None = field(
+        default=None,
+        metadata={"help": "σ_w of the orthogonal initializations (default: √2 for relu, 1.05 for tanh, else 1)."},
+    )
+    init_bias_std: float = field(
+        default=0.0, metadata={"help": "σ_b of the orthogonal initializations: std of the normal biases (0: zeros)."},
+    )
     lbe_layers: str = field(
         default="all",
         metadata={"help": "Which hidden layers LBE regularizes: 'all' (every hidden layer's output, the library's "
@@ -270,6 +286,13 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     if training_args.max_steps == 0 or training_args.max_steps < -1:
         raise UsageError(f"argument --max_steps: must be >= 1 (or -1: train for --num_train_epochs), "
                          f"got {training_args.max_steps}")
+    expected = {"mlp": "orthogonal", "cnn": "delta_orthogonal"}[model_args.arch]
+    if model_args.initialization not in ("default", expected):
+        raise UsageError(f"argument --initialization: {model_args.initialization!r} is not for --arch "
+                         f"{model_args.arch} (choose 'default' or {expected!r})")
+    if model_args.initialization == "default" and (model_args.init_gain is not None or model_args.init_bias_std):
+        raise UsageError("--init_gain and --init_bias_std set the orthogonal initializations: give --initialization "
+                         f"{expected} too")
     if not 0 < data_args.test_size < 1:
         raise UsageError(f"argument --test_size: must lie between 0 and 1, got {data_args.test_size}")
     if model_args.lbe_layers == "reference" and training_args.lbe_target_modules is not None:

@@ -273,8 +273,12 @@ def _run_job(job: Job, model_args: ModelArguments, data_args: DataArguments, tra
                                lbe_target_modules=targets)
     # Same seed before building the model: the baseline and the LBE run of a depth and seed start from the same weights.
     set_seed(seed)
+    init = {}
+    if model_args.initialization != "default" and job.kind != "ceiling":
+        init = dict(initialization=model_args.initialization, init_gain=model_args.init_gain,
+                    init_bias_std=model_args.init_bias_std)
     model = build_vanilla_model(model_args.arch, job.depth, model_args.width, num_channels=channels, image_size=size,
-                                num_labels=num_labels, activation=model_args.activation)
+                                num_labels=num_labels, activation=model_args.activation, **init)
     if job.kind == "ceiling":
         he_initialize(model)
     # Fingerprint of the initial weights: equal for the baseline and the LBE run of a depth and seed.
@@ -311,7 +315,9 @@ def _run_job(job: Job, model_args: ModelArguments, data_args: DataArguments, tra
                  f"{model_args.activation} on {data_args.dataset}",
         "arch": model_args.arch, "depth": job.depth, "width": model_args.width,
         "activation": model_args.activation, "dataset": data_args.dataset, "data_source": data_source(data_args),
-        "init": "he_normal" if job.kind == "ceiling" else "pytorch_default",
+        "init": "he_normal" if job.kind == "ceiling" else ("pytorch_default" if model.config.initialization == "default"
+                                                           else model.config.initialization),
+        "init_gain": model.config.init_gain, "init_bias_std": model.config.init_bias_std,
         "lbe_beta": beta, "lbe_alpha": args.lbe_alpha, "lbe_alpha_min": args.lbe_alpha_min,
         "lbe_alpha_learning_rate": args.lbe_alpha_learning_rate,
         "lbe_layers": model_args.lbe_layers if job.kind == "lbe" else None,

@@ -83,8 +83,21 @@ class VanillaConvLayer(GradientCheckpointingLayer):
         return self.act(self.conv(hidden_states))
 
 
+@torch.no_grad()
+def _delta_orthogonal_(weight: torch.Tensor, gain: float) -> None:
+    """Xiao et al. (2018)'s delta-orthogonal kernel, in place: `weight` (C_out, C_in, k, k) is zero except its centre
+    tap [:, :, k//2, k//2] = gain·Q, Q a random (semi-)orthogonal C_out × C_in matrix. Left as it is when it was
+    loaded by `from_pretrained` (the flag `initialize_weights` checks, which the in-place writes here would bypass)."""
+    if getattr(weight, "_is_hf_initialized", False):
+        return
+    centre = torch.empty(weight.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
+    nn.init.orthogonal_(centre, gain=gain)
+    weight.zero_()
+    weight[:, :, weight.shape[2] // 2, weight.shape[3] // 2] = centre
+
+
 class _VanillaPreTrainedModel(PreTrainedModel):
-    """Shared behaviour: PyTorch default initialization and the pixel_values checks."""
+    """Shared behaviour: the initialization (`config.initialization`) and the pixel_values checks."""
 
     base_model_prefix = "vanilla"
     main_input_name = "pixel_values"
@@ -92,13 +105,28 @@ class _VanillaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        # The paper's setting is PyTorch's own default init (kaiming_uniform(a=√5) weights, U(±1/√fan_in) biases),
-        # not Transformers' normal(0, 0.02) with zero biases: with zero biases and std 0.02 a deep vanilla network
-        # collapses differently, and the depth-500 experiment would not be the paper's. `reset_parameters` calls the
-        # torch.nn.init functions, which `PreTrainedModel.initialize_weights` guards, so weights loaded by
+        # "default", the paper's setting, is PyTorch's own init (kaiming_uniform(a=√5) weights, U(±1/√fan_in)
+        # biases), not Transformers' normal(0, 0.02) with zero biases: with zero biases and std 0.02 a deep vanilla
+        # network collapses differently, and the depth-500 experiment would not be the paper's. The torch.nn.init
+        # functions used here are guarded by `PreTrainedModel.initialize_weights`, so weights loaded by
         # `from_pretrained` are left untouched and only missing ones are (re)drawn.
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            return
+        scheme = self.config.initialization
+        if scheme == "default":
             module.reset_parameters()
+            return
+        # "orthogonal" (MLP) / "delta_orthogonal" (CNN), see the configs: σ_w·Q weights, N(0, σ_b²) biases; the
+        # classifier (no activation after it) gets gain 1.
+        gain = 1.0 if module is getattr(self, "classifier", None) else float(self.config.init_gain)
+        if isinstance(module, nn.Conv2d):
+            _delta_orthogonal_(module.weight, gain)
+        else:
+            nn.init.orthogonal_(module.weight, gain=gain)
+        if self.config.init_bias_std > 0:
+            nn.init.normal_(module.bias, 0.0, float(self.config.init_bias_std))
+        else:
+            nn.init.zeros_(module.bias)
 
     def get_input_embeddings(self) -> None:
         # Pixels go straight into the first layer: there is no embedding table. Transformers' default raises
