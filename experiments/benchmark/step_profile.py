@@ -216,7 +216,10 @@ def main() -> None:
         print(f"isolated {name}: {r['median_ms']} ms (fastest {r['fastest_ms']})")
     for row in results["profile_difference"][:20]:
         print(f"  {row['extra_self_cpu_ms_per_step']:8.2f} ms  {row['extra_calls_per_step']:8.1f} calls  {row['op']}")
-    output = {"provenance": record, "note": args.note, "settings": vars(args),
+    from experiments.provenance import portable_path
+
+    settings = {**vars(args), "out": args.out and portable_path(args.out)}  # no local absolute path in the record
+    output = {"provenance": record, "note": args.note, "settings": settings,
               "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None, **results}
     if args.out:
         with open(args.out, "w") as f:
