@@ -4,6 +4,10 @@ table of the operators whose time differs between the two trainers. Writes a JSO
 command. Not part of the package or the tests.
 
     python experiments/benchmark/step_profile.py --reps 12 --out docs/benchmarks/cpu_1thread_mlp256_profile.json
+    python experiments/benchmark/step_profile.py --threads 2 --reps 24 --out docs/benchmarks/cpu_2threads_mlp256_profile.json
+
+With `--threads` above 1 every time is wall-clock time (process CPU time would add up the threads' time), and
+`--threads 0` keeps torch's default.
 
 Bare steps (each includes the previous one's work; all do clipping at 1.0 and fused AdamW, as `Trainer` does), timed
 in alternating order, median process CPU time:
@@ -50,6 +54,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=12, help="steps per bare variant (alternating order)")
     parser.add_argument("--trainer_rounds", type=int, default=2, help="turns per trainer (6 measured steps each)")
     parser.add_argument("--profile_steps", type=int, default=3, help="steps per trainer under torch.profiler")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="PyTorch threads (0: torch's default); above 1 the clock is wall time, not process CPU time")
     parser.add_argument("--out", default=None)
     parser.add_argument("--note", default="")
     args = parser.parse_args()
@@ -65,9 +71,14 @@ def main() -> None:
     from hf_batch_entropy.regularizer import BatchEntropyRegularizer
     from hf_batch_entropy.tally import MetricTally
 
-    record = provenance(sys.argv, torch_threads=1)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    # Process CPU time is the cost of one thread's work; with several threads only the wall clock says what a step takes.
+    clock = time.process_time if threads == 1 else time.perf_counter
+    record = provenance(sys.argv, torch_threads=threads)
+    record["clock"] = "process CPU time" if threads == 1 else "wall"
     record["load_average_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    torch.set_num_threads(1)
     flush_denormals()
     torch.manual_seed(0)
     build = _vanilla_mlp(args.width, args.depth)
@@ -114,9 +125,9 @@ def main() -> None:
     for r in range(args.reps):
         order = range(len(BARE)) if r % 2 == 0 else reversed(range(len(BARE)))
         for level in order:
-            begin = time.process_time()
+            begin = clock()
             step(level)
-            times[BARE[level]].append(time.process_time() - begin)
+            times[BARE[level]].append(clock() - begin)
     for name in BARE:
         results["bare"][name] = _median_ms(times[name])
     tally.discard()
@@ -148,22 +159,22 @@ def main() -> None:
         fn()
         samples = []
         for _ in range(5 * args.reps):
-            begin = time.process_time()
+            begin = clock()
             fn()
-            samples.append(time.process_time() - begin)
+            samples.append(clock() - begin)
         results["isolated"][name] = _median_ms(samples)
     tally.discard()
     del leaves
     floor = {"read": [], "write": []}
     for _ in range(args.reps):
-        begin = time.process_time()
+        begin = clock()
         for h in hidden:
             h.sum()
-        floor["read"].append(time.process_time() - begin)
-        begin = time.process_time()
+        floor["read"].append(clock() - begin)
+        begin = clock()
         for h in hidden:
             torch.empty_like(h).fill_(1.0)
-        floor["write"].append(time.process_time() - begin)
+        floor["write"].append(clock() - begin)
     results["floor"] = {name: _median_ms(t) for name, t in floor.items()}
     results["floor"]["activation_mb"] = round(sum(h.numel() * h.element_size() for h in hidden) / 2**20, 1)
     del hidden, model, optimizer
@@ -172,7 +183,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         case = SimpleNamespace(batch_size=args.batch_size)
         opts = SimpleNamespace(device="cpu", workdir=workdir, batch_size=args.batch_size, bf16=False,
-                               torch_compile=False, clock="cpu")
+                               torch_compile=False, clock="cpu" if threads == 1 else "wall")
         trainer_times = {"trainer": [], "lbe": []}
         for r in range(args.trainer_rounds):
             for variant in ("trainer", "lbe") if r % 2 == 0 else ("lbe", "trainer"):
