@@ -34,8 +34,8 @@ PRESETS: dict[str, list[str]] = {
                  "--eval_steps", "100", "--logging_steps", "20"],
     "long": ["--depths", "500", "--runs", "lbe", "--learning_rate", "1e-4", "--lr_scheduler_type", "cosine",
              "--max_steps", "10000", "--eval_steps", "500", "--logging_steps", "100"],
-    "depth50": ["--depths", "50", "--runs", "lbe", "--learning_rate", "3e-4", "--lr_scheduler_type", "constant",
-                "--max_steps", "15000", "--eval_steps", "1500", "--logging_steps", "100"],
+    "depth50": ["--depths", "50", "--width", "128", "--runs", "lbe", "--learning_rate", "3e-4", "--lr_scheduler_type",
+                "constant", "--max_steps", "15000", "--eval_steps", "1500", "--logging_steps", "100"],
 }
 
 
@@ -114,8 +114,8 @@ class DataArguments:
         default="frontier",
         metadata={"help": "A named recipe, i.e. flags put in front of the command line's own (which override them): "
                   "'frontier' (the depth ladder, 3 seeds, 1,000 steps: lr 1e-3 for 400 steps, then 3e-4), 'long' "
-                  "(depth 500, LBE, lr 1e-4 cosine, 10,000 steps), 'depth50' (depth 50, LBE, lr "
-                  "3e-4 constant, 15,000 steps). "
+                  "(depth 500, LBE, lr 1e-4 cosine, 10,000 steps), 'depth50' (depth 50, width 128, "
+                  "LBE, lr 3e-4 constant, 15,000 steps). "
                   "See PRESETS in experiments/frontier/arguments.py; the README gives the measured times.",
                   "choices": sorted(PRESETS)},
     )
