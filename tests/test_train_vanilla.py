@@ -29,13 +29,7 @@ TINY = ["--width", "16", "--max_steps", "20", "--logging_steps", "5", "--eval_st
         "--per_device_train_batch_size", "64", "--disable_tqdm", "true"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_globals():
-    # main() sets the thread count and flush-denormal mode for its CPU runs; leave the rest of the session as it was.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_flush_denormal(False)
+pytestmark = pytest.mark.usefixtures("restore_torch_globals")
 
 
 @pytest.fixture(scope="module")
