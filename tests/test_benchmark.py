@@ -31,7 +31,25 @@ def test_tiny_case_writes_its_table_and_provenance(tmp_path):
         assert len(variant["step_times_s"]) == 2 and all(t > 0 for t in variant["step_times_s"])
         assert variant["peak_memory_bytes"] > 0
     assert case["variants"]["trainer"]["time_ratio"] == 1.0 and case["variants"]["lbe"]["time_ratio"] > 0
+    lbe = case["variants"]["lbe"]  # one round: its paired ratio, but no interval from a bootstrap over rounds
+    assert len(lbe["round_time_ratios"]) == 1 and lbe["time_ratio_ci95"] is None
     assert "| tiny-bert | BatchEntropyTrainer |" in done.stdout
+
+
+def test_rounds_are_paired_and_resampled_whole():
+    from experiments.benchmark.cli import _round_bootstrap_ci, _round_ratios
+
+    # The machine's speed drifts between rounds (1×, 2×, 1.5×, 1×); within a round LBE's turn is 10 % slower.
+    base = [1.0, 1.0, 2.0, 2.0, 1.5, 1.5, 1.0, 1.0]
+    lbe = [1.1 * t for t in base]
+    assert _round_ratios(base, lbe, steps=2) == pytest.approx([1.1] * 4)
+    assert _round_bootstrap_ci(base, lbe, steps=2) == pytest.approx([1.1, 1.1])  # every resample keeps the pairs
+    assert _round_bootstrap_ci(base[:4], lbe[:4], steps=2) is None  # 2 rounds: too few to resample
+    # Unpaired noise between rounds widens the interval around the ratio of the pooled medians.
+    noisy = [1.1 * t * f for t, f in zip(base, [1.0, 1.0, 0.8, 0.8, 1.2, 1.2, 1.0, 1.0])]
+    low, high = _round_bootstrap_ci(base, noisy, steps=2)
+    assert low < 1.1 < high and high - low > 0.1
+    assert _round_bootstrap_ci(base, noisy, steps=2) == [low, high]  # seeded
 
 
 @pytest.mark.parametrize("command,program", [

@@ -10,6 +10,7 @@ import copy
 import gc
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -140,6 +141,10 @@ def bench_case(case: Case, opts) -> dict:
     for variant in variants:
         v = result["variants"][variant]
         v["time_ratio"] = v["median_step_s"] / base["median_step_s"]
+        # Paired by round: this trainer's turn and `Trainer`'s turn of the same round ran next to each other. The
+        # machine's speed drifts between rounds, which the interval shows: it resamples whole rounds.
+        v["round_time_ratios"] = _round_ratios(base["step_times_s"], v["step_times_s"], opts.steps)
+        v["time_ratio_ci95"] = _round_bootstrap_ci(base["step_times_s"], v["step_times_s"], opts.steps)
         v["min_time_ratio"] = v["min_step_s"] / base["min_step_s"]
         v["memory_ratio"] = (
             v["peak_memory_bytes"] / base["peak_memory_bytes"]
@@ -147,6 +152,33 @@ def bench_case(case: Case, opts) -> dict:
             else None
         )
     return result
+
+
+def _rounds(times: list[float], steps: int) -> list[list[float]]:
+    return [times[i : i + steps] for i in range(0, len(times), steps)]
+
+
+def _round_ratios(base: list[float], other: list[float], steps: int) -> list[float]:
+    """Per round: the median step of `other`'s turn over the median step of `base`'s turn."""
+    return [statistics.median(o) / statistics.median(b) for b, o in zip(_rounds(base, steps), _rounds(other, steps))]
+
+
+def _round_bootstrap_ci(base: list[float], other: list[float], steps: int, resamples: int = 2000) -> list[float] | None:
+    """95 % interval of `median(other) / median(base)` (all steps pooled) from a bootstrap over rounds: draw as many
+    rounds as were run, with replacement, keeping each round's two turns together (seeded, so the same step times
+    give the same interval). `None` with fewer than 3 rounds."""
+    base_rounds, other_rounds = _rounds(base, steps), _rounds(other, steps)
+    n = len(base_rounds)
+    if n < 3:
+        return None
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(t for i in picks for t in other_rounds[i])
+                      / statistics.median(t for i in picks for t in base_rounds[i]))
+    ratios.sort()
+    return [ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]]
 
 
 def _iqr(xs: list[float]) -> list[float]:
@@ -158,15 +190,16 @@ def _iqr(xs: list[float]) -> list[float]:
 
 def print_table(results: list[dict], header: str) -> str:
     lines = [header, ""]
-    lines.append("| case | trainer | s/step (median) | IQR | ratio | s/step (min) | ratio | peak MiB | ratio |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("| case | trainer | s/step (median) | IQR | ratio | 95 % interval | s/step (min) | ratio | peak MiB | ratio |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for res in results:
         for variant, v in res["variants"].items():
             mem = f"{v['peak_memory_bytes'] / 2**20:.0f}" if v["peak_memory_bytes"] else "n/a"
             mem_ratio = f"{v['memory_ratio']:.3f}" if v["memory_ratio"] else "n/a"
             iqr = f"{v['iqr_step_s'][0]:.3f}–{v['iqr_step_s'][1]:.3f}"
+            ci = "n/a" if v["time_ratio_ci95"] is None else f"{v['time_ratio_ci95'][0]:.3f}–{v['time_ratio_ci95'][1]:.3f}"
             lines.append(
-                f"| {res['case']} | {v['trainer']} | {v['median_step_s']:.4f} | {iqr} | {v['time_ratio']:.3f} "
+                f"| {res['case']} | {v['trainer']} | {v['median_step_s']:.4f} | {iqr} | {v['time_ratio']:.3f} | {ci} "
                 f"| {v['min_step_s']:.4f} | {v['min_time_ratio']:.3f} | {mem} | {mem_ratio} |"
             )
     text = "\n".join(lines)
@@ -185,7 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--torch_compile", action="store_true", help="torch_compile=True for both trainers")
     parser.add_argument("--steps", type=int, default=6, help="measured optimizer steps per turn (default 6)")
     parser.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every turn (default 2)")
-    parser.add_argument("--rounds", type=int, default=2, help="turns per trainer, alternating (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=2,
+        help="turns per trainer, alternating (default 2); from 3 rounds on, the ratio gets a 95 %% interval from a "
+        "bootstrap over rounds",
+    )
     parser.add_argument("--memory_steps", type=int, default=3, help="steps of each CPU memory turn (default 3)")
     parser.add_argument(
         "--memory_repeats", type=int, default=3, help="CPU memory turns per trainer, alternating; median (default 3)"
