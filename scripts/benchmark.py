@@ -8,8 +8,9 @@ wall time between `on_step_begin` and `on_step_end` is measured (`time.perf_coun
 on CUDA): forward, backward, the LBE term, gradient clipping and the optimizer step; not data loading, logging or
 checkpointing. The first `--warmup` steps of every turn are dropped; the figure is the median of the rest, and the
 ratio is `median(BatchEntropyTrainer) / median(Trainer)`. On a small shared machine the speed drifts by 10-20 % from
-one turn to the next, so the two turns of a round are a pair: the JSON keeps each round's ratio, and from 3 rounds on
-a 95 % interval of the ratio from a bootstrap over whole rounds (many short rounds beat a few long ones). Turns, not
+one turn to the next, so the two turns of a round are a pair: the paired ratio is the median of the rounds' ratios,
+which one slow turn does not move, and from 3 rounds on both ratios get a 95 % interval from a bootstrap over whole
+rounds (many short rounds beat a few long ones). Turns, not
 single alternating steps: two trainers stepping in turn from two threads (or processes) each bring their own OpenMP
 thread team, whose waiting threads compete with the running one for the cores (measured: 1.4-1.6× slower steps for
 the same model on 2 vCPUs), so that schedule would time a state no user trains in.

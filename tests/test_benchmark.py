@@ -32,7 +32,8 @@ def test_tiny_case_writes_its_table_and_provenance(tmp_path):
         assert variant["peak_memory_bytes"] > 0
     assert case["variants"]["trainer"]["time_ratio"] == 1.0 and case["variants"]["lbe"]["time_ratio"] > 0
     lbe = case["variants"]["lbe"]  # one round: its paired ratio, but no interval from a bootstrap over rounds
-    assert len(lbe["round_time_ratios"]) == 1 and lbe["time_ratio_ci95"] is None
+    assert len(lbe["round_time_ratios"]) == 1 and lbe["paired_time_ratio"] == lbe["round_time_ratios"][0]
+    assert lbe["time_ratio_ci95"] is None and lbe["paired_time_ratio_ci95"] is None
     assert "| tiny-bert | BatchEntropyTrainer |" in done.stdout
 
 
@@ -43,13 +44,17 @@ def test_rounds_are_paired_and_resampled_whole():
     base = [1.0, 1.0, 2.0, 2.0, 1.5, 1.5, 1.0, 1.0]
     lbe = [1.1 * t for t in base]
     assert _round_ratios(base, lbe, steps=2) == pytest.approx([1.1] * 4)
-    assert _round_bootstrap_ci(base, lbe, steps=2) == pytest.approx([1.1, 1.1])  # every resample keeps the pairs
-    assert _round_bootstrap_ci(base[:4], lbe[:4], steps=2) is None  # 2 rounds: too few to resample
-    # Unpaired noise between rounds widens the interval around the ratio of the pooled medians.
-    noisy = [1.1 * t * f for t, f in zip(base, [1.0, 1.0, 0.8, 0.8, 1.2, 1.2, 1.0, 1.0])]
-    low, high = _round_bootstrap_ci(base, noisy, steps=2)
-    assert low < 1.1 < high and high - low > 0.1
-    assert _round_bootstrap_ci(base, noisy, steps=2) == [low, high]  # seeded
+    for pooled in (True, False):  # every resample keeps the pairs
+        assert _round_bootstrap_ci(base, lbe, steps=2, pooled=pooled) == pytest.approx([1.1, 1.1])
+        assert _round_bootstrap_ci(base[:4], lbe[:4], steps=2, pooled=pooled) is None  # 2 rounds: too few
+    # One round in which LBE's turn ran on a slow machine (1.5×): it moves the ratio of the pooled medians, not the
+    # median of the rounds' ratios.
+    disturbed = lbe[:2] + [1.5 * t for t in lbe[2:4]] + lbe[4:]
+    assert _round_ratios(base, disturbed, steps=2) == pytest.approx([1.1, 1.65, 1.1, 1.1])
+    low, high = _round_bootstrap_ci(base, disturbed, steps=2, pooled=True)
+    assert high > 1.3 and _round_bootstrap_ci(base, disturbed, steps=2, pooled=True) == [low, high]  # seeded
+    low, high = _round_bootstrap_ci(base, disturbed, steps=2, pooled=False)
+    assert low == pytest.approx(1.1) and high == pytest.approx(1.65)  # the median of 4 draws can hold 2 of the 1.65s
 
 
 @pytest.mark.parametrize("command,program", [

@@ -141,10 +141,14 @@ def bench_case(case: Case, opts) -> dict:
     for variant in variants:
         v = result["variants"][variant]
         v["time_ratio"] = v["median_step_s"] / base["median_step_s"]
-        # Paired by round: this trainer's turn and `Trainer`'s turn of the same round ran next to each other. The
-        # machine's speed drifts between rounds, which the interval shows: it resamples whole rounds.
+        # Paired by round: this trainer's turn and `Trainer`'s turn of the same round ran next to each other, so the
+        # median of the rounds' ratios is not moved by a round in which the machine was slow for one turn, as the
+        # ratio of the pooled medians is. The intervals resample whole rounds.
+        v["time_ratio_ci95"] = _round_bootstrap_ci(base["step_times_s"], v["step_times_s"], opts.steps, pooled=True)
         v["round_time_ratios"] = _round_ratios(base["step_times_s"], v["step_times_s"], opts.steps)
-        v["time_ratio_ci95"] = _round_bootstrap_ci(base["step_times_s"], v["step_times_s"], opts.steps)
+        v["paired_time_ratio"] = statistics.median(v["round_time_ratios"])
+        v["paired_time_ratio_ci95"] = _round_bootstrap_ci(base["step_times_s"], v["step_times_s"], opts.steps,
+                                                          pooled=False)
         v["min_time_ratio"] = v["min_step_s"] / base["min_step_s"]
         v["memory_ratio"] = (
             v["peak_memory_bytes"] / base["peak_memory_bytes"]
@@ -163,11 +167,14 @@ def _round_ratios(base: list[float], other: list[float], steps: int) -> list[flo
     return [statistics.median(o) / statistics.median(b) for b, o in zip(_rounds(base, steps), _rounds(other, steps))]
 
 
-def _round_bootstrap_ci(base: list[float], other: list[float], steps: int, resamples: int = 2000) -> list[float] | None:
-    """95 % interval of `median(other) / median(base)` (all steps pooled) from a bootstrap over rounds: draw as many
-    rounds as were run, with replacement, keeping each round's two turns together (seeded, so the same step times
-    give the same interval). `None` with fewer than 3 rounds."""
+def _round_bootstrap_ci(base: list[float], other: list[float], steps: int, pooled: bool,
+                        resamples: int = 2000) -> list[float] | None:
+    """95 % interval from a bootstrap over rounds (draw as many rounds as were run, with replacement, each round's two
+    turns together; seeded, so the same step times give the same interval) of `median(other) / median(base)` over
+    the drawn rounds' steps (`pooled`), or of the median of the drawn rounds' ratios. `None` with fewer than 3
+    rounds."""
     base_rounds, other_rounds = _rounds(base, steps), _rounds(other, steps)
+    ratios_by_round = _round_ratios(base, other, steps)
     n = len(base_rounds)
     if n < 3:
         return None
@@ -175,8 +182,11 @@ def _round_bootstrap_ci(base: list[float], other: list[float], steps: int, resam
     ratios = []
     for _ in range(resamples):
         picks = [rng.randrange(n) for _ in range(n)]
-        ratios.append(statistics.median(t for i in picks for t in other_rounds[i])
-                      / statistics.median(t for i in picks for t in base_rounds[i]))
+        if pooled:
+            ratios.append(statistics.median(t for i in picks for t in other_rounds[i])
+                          / statistics.median(t for i in picks for t in base_rounds[i]))
+        else:
+            ratios.append(statistics.median(ratios_by_round[i] for i in picks))
     ratios.sort()
     return [ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]]
 
@@ -190,14 +200,16 @@ def _iqr(xs: list[float]) -> list[float]:
 
 def print_table(results: list[dict], header: str) -> str:
     lines = [header, ""]
-    lines.append("| case | trainer | s/step (median) | IQR | ratio | 95 % interval | s/step (min) | ratio | peak MiB | ratio |")
+    lines.append("| case | trainer | s/step (median) | IQR | ratio | paired ratio (95 % interval) | s/step (min) | ratio "
+                 "| peak MiB | ratio |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for res in results:
         for variant, v in res["variants"].items():
             mem = f"{v['peak_memory_bytes'] / 2**20:.0f}" if v["peak_memory_bytes"] else "n/a"
             mem_ratio = f"{v['memory_ratio']:.3f}" if v["memory_ratio"] else "n/a"
             iqr = f"{v['iqr_step_s'][0]:.3f}–{v['iqr_step_s'][1]:.3f}"
-            ci = "n/a" if v["time_ratio_ci95"] is None else f"{v['time_ratio_ci95'][0]:.3f}–{v['time_ratio_ci95'][1]:.3f}"
+            ci = v["paired_time_ratio_ci95"]
+            ci = f"{v['paired_time_ratio']:.3f}" + ("" if ci is None else f" ({ci[0]:.3f}–{ci[1]:.3f})")
             lines.append(
                 f"| {res['case']} | {v['trainer']} | {v['median_step_s']:.4f} | {iqr} | {v['time_ratio']:.3f} | {ci} "
                 f"| {v['min_step_s']:.4f} | {v['min_time_ratio']:.3f} | {mem} | {mem_ratio} |"
