@@ -12,8 +12,8 @@ one turn to the next, so the two turns of a round are a pair: the paired ratio i
 which one slow turn does not move, and from 3 rounds on both ratios get a 95 % interval from a bootstrap over whole
 rounds (many short rounds beat a few long ones). Turns, not
 single alternating steps: two trainers stepping in turn from two threads (or processes) each bring their own OpenMP
-thread team, whose waiting threads compete with the running one for the cores (measured: 1.4-1.6× slower steps for
-the same model on 2 vCPUs), so that schedule would time a state no user trains in.
+thread team, whose waiting threads compete with the running one for the cores and slow every step of both (markedly,
+on 2 vCPUs), so that schedule would time a state no user trains in.
 
 Peak memory:
 - CUDA: `torch.cuda.max_memory_allocated()` during the turn, minus what was allocated before the model was copied to
