@@ -174,10 +174,10 @@ def _round_bootstrap_ci(base: list[float], other: list[float], steps: int, poole
     the drawn rounds' steps (`pooled`), or of the median of the drawn rounds' ratios. `None` with fewer than 3
     rounds."""
     base_rounds, other_rounds = _rounds(base, steps), _rounds(other, steps)
-    ratios_by_round = _round_ratios(base, other, steps)
     n = len(base_rounds)
     if n < 3:
         return None
+    ratios_by_round = None if pooled else _round_ratios(base, other, steps)
     rng = random.Random(0)
     ratios = []
     for _ in range(resamples):
@@ -208,10 +208,10 @@ def print_table(results: list[dict], header: str) -> str:
             mem = f"{v['peak_memory_bytes'] / 2**20:.0f}" if v["peak_memory_bytes"] else "n/a"
             mem_ratio = f"{v['memory_ratio']:.3f}" if v["memory_ratio"] else "n/a"
             iqr = f"{v['iqr_step_s'][0]:.3f}–{v['iqr_step_s'][1]:.3f}"
-            ci = v["paired_time_ratio_ci95"]
-            ci = f"{v['paired_time_ratio']:.3f}" + ("" if ci is None else f" ({ci[0]:.3f}–{ci[1]:.3f})")
+            interval = v["paired_time_ratio_ci95"]
+            paired = f"{v['paired_time_ratio']:.3f}" + ("" if interval is None else f" ({interval[0]:.3f}–{interval[1]:.3f})")
             lines.append(
-                f"| {res['case']} | {v['trainer']} | {v['median_step_s']:.4f} | {iqr} | {v['time_ratio']:.3f} | {ci} "
+                f"| {res['case']} | {v['trainer']} | {v['median_step_s']:.4f} | {iqr} | {v['time_ratio']:.3f} | {paired} "
                 f"| {v['min_step_s']:.4f} | {v['min_time_ratio']:.3f} | {mem} | {mem_ratio} |"
             )
     text = "\n".join(lines)
