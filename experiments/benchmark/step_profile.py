@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,6 +64,7 @@ def main() -> None:
 
     from experiments.benchmark.cases import _image_data, _vanilla_mlp
     from experiments.benchmark.cli import run_turn
+    from experiments.benchmark.measure import CLOCKS
     from experiments.provenance import provenance
     from hf_batch_entropy import batch_entropies
     from hf_batch_entropy.denormals import flush_denormals
@@ -75,9 +75,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     # Process CPU time is the cost of one thread's work; with several threads only the wall clock says what a step takes.
-    clock = time.process_time if threads == 1 else time.perf_counter
+    clock_name = "cpu" if threads == 1 else "wall"
+    clock = CLOCKS[clock_name]  # the benchmark's clocks, so the trainers' turns below are timed alike
     record = provenance(sys.argv, torch_threads=threads)
-    record["clock"] = "process CPU time" if threads == 1 else "wall"
+    record["clock"] = {"cpu": "process CPU time", "wall": "wall"}[clock_name]
     record["load_average_at_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     flush_denormals()
     torch.manual_seed(0)
@@ -179,11 +180,11 @@ def main() -> None:
     results["floor"]["activation_mb"] = round(sum(h.numel() * h.element_size() for h in hidden) / 2**20, 1)
     del hidden, model, optimizer
 
-    # The trainers, as scripts/benchmark.py runs them (CPU clock), alternating.
+    # The trainers, as scripts/benchmark.py runs them (the clock above), alternating.
     with tempfile.TemporaryDirectory() as workdir:
         case = SimpleNamespace(batch_size=args.batch_size)
         opts = SimpleNamespace(device="cpu", workdir=workdir, batch_size=args.batch_size, bf16=False,
-                               torch_compile=False, clock="cpu" if threads == 1 else "wall")
+                               torch_compile=False, clock=clock_name)
         trainer_times = {"trainer": [], "lbe": []}
         for r in range(args.trainer_rounds):
             for variant in ("trainer", "lbe") if r % 2 == 0 else ("lbe", "trainer"):
