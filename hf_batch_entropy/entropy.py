@@ -67,6 +67,9 @@ _CPU_CHUNK_NUMEL = 1 << 19
 # Where the backward of the fused path computes the gradients layer by layer rather than one stacked chunk at a time.
 _PER_LAYER_BACKWARD_DEVICES = ("cpu",)
 
+# `aten::mse_loss`'s `reduction` argument for none (`at::Reduction::None`).
+_NO_REDUCTION = 0
+
 
 def _chunk_numel(device: torch.device) -> int:
     return min(_MAX_CHUNK_NUMEL, _CPU_CHUNK_NUMEL) if device.type == "cpu" else _MAX_CHUNK_NUMEL
@@ -91,15 +94,19 @@ def is_measurable(batch_size: int, sync: bool) -> bool:
     return batch_size >= 2 or (batch_size >= 1 and pools_across_processes(sync))
 
 
-def _as_units(x: torch.Tensor, what: str = "activations", to_float: bool = True, sync: bool = False) -> torch.Tensor:
+def _what(layer: int | None) -> str:
+    return "activations" if layer is None else f"activations of layer {layer}"
+
+
+def _as_units(x: torch.Tensor, layer: int | None = None, to_float: bool = True, sync: bool = False) -> torch.Tensor:
     """`(B, ...)` → `(B, U)` (float32 unless `to_float=False`), after checking that a batch-entropy exists
-    (`is_measurable`)."""
+    (`is_measurable`); `layer`: the index that error messages name."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"Batch-entropy needs a tensor of {what}, got {type(x).__name__}.")
+        raise TypeError(f"Batch-entropy needs a tensor of {_what(layer)}, got {type(x).__name__}.")
     if x.dim() == 0 or not is_measurable(x.shape[0], sync):
         shape = tuple(x.shape)
         raise ValueError(
-            f"Batch-entropy is a statistic over the batch and needs at least 2 examples; the {what} have shape "
+            f"Batch-entropy is a statistic over the batch and needs at least 2 examples; the {_what(layer)} have shape "
             f"{shape}. Use a per-device batch size of 2 or more (and `dataloader_drop_last=True` so the last batch "
             "is not a single example), or turn on `lbe_sync_entropy` to pool the batch across processes."
         )
@@ -170,35 +177,38 @@ def _squared_deviations(
     NaN there stays out). `workspace`: optional float32 scratch of at least `L·B·U` elements for the stacked copy
     (nothing returned refers to it, so one call's chunks can share it)."""
     padding = _padding(mask) if mask is not None else None
+    own = True  # whether `stacked` is a copy of ours, to be masked and overwritten in place
     if (workspace is not None and len(layers) > 1 and layers[0].dtype == torch.float32
             and workspace.numel() >= len(layers) * layers[0].numel() and workspace.device == layers[0].device):
         # Stacked into the caller's scratch: no allocation (and no page faults on fresh memory) per chunk.
-        centred = torch.stack(layers, out=workspace[: len(layers) * layers[0].numel()].view(len(layers),
+        stacked = torch.stack(layers, out=workspace[: len(layers) * layers[0].numel()].view(len(layers),
                                                                                             *layers[0].shape))
-        if padding is not None:
-            centred.masked_fill_(padding, 0)
-        if mean is None:
-            mean = _batch_mean(centred, mask)
-        centred.sub_(mean)
     elif len(layers) == 1:
-        stacked = layers[0].unsqueeze(0).float()
-        if padding is not None:
-            stacked = stacked.masked_fill(padding, 0)  # a new tensor: `stacked` may be the layer itself
-        if mean is None:
-            mean = _batch_mean(stacked, mask)
-        centred = stacked - mean  # a new tensor, as above
+        stacked = layers[0].unsqueeze(0)
+        own = stacked.dtype != torch.float32  # a float32 layer is used as it is, and must not be written to
+        stacked = stacked.float()
     else:
-        centred = torch.stack(layers)  # our own copy, masked and centred in place
-        if centred.dtype != torch.float32:
-            centred = centred.float()
-        if padding is not None:
-            centred.masked_fill_(padding, 0)
-        if mean is None:
-            mean = _batch_mean(centred, mask)
-        centred.sub_(mean)
+        stacked = torch.stack(layers)
+        if stacked.dtype != torch.float32:
+            stacked = stacked.float()
     if padding is not None:
-        centred.masked_fill_(padding, 0)  # the padding, now at −μ, back to 0
-    return centred.square_().sum(dim=1), mean
+        stacked = stacked.masked_fill_(padding, 0) if own else stacked.masked_fill(padding, 0)
+        own = True
+    if mean is None:
+        mean = _batch_mean(stacked, mask)
+    squares = _squared_difference(stacked, mean, in_place=own)
+    if padding is not None:
+        squares.masked_fill_(padding, 0)  # the padding, now at μ², back to 0
+    return squares.sum(dim=1), mean
+
+
+def _squared_difference(x: torch.Tensor, mean: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """`(x − μ)²` elementwise, `x` `(L, B, U)`, `μ` `(L, 1, U)`, in one pass (`mse_loss` without reduction rounds as
+    `sub` then `square` do: `d = x − μ`, then `d·d`), into `x` itself where `in_place`."""
+    target = mean.expand_as(x)
+    if in_place:
+        return torch._C._nn.mse_loss(x, target, _NO_REDUCTION, out=x)
+    return torch._C._nn.mse_loss(x, target, _NO_REDUCTION)
 
 
 def _batch_mean(masked: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -250,7 +260,8 @@ class _SquaredDeviations(torch.autograd.Function):
             torch._foreach_mul_(grads, coef.unbind(0))
             if mask is not None:
                 grads = [_masked(g, mask) for g in grads]
-            grads = tuple(g if g.dtype == x.dtype else g.to(x.dtype) for g, x in zip(grads, layers))
+            if layers[0].dtype != torch.float32:  # a chunk's layers share one dtype (`_chunks`)
+                grads = [g.to(layers[0].dtype) for g in grads]
         else:
             # On accelerators, a few large kernels per chunk rather than a few small ones per layer.
             stacked = torch.stack(layers)
@@ -494,7 +505,7 @@ def batch_entropies(
     fused = fused or distributed
     if distributed:
         _check_same_layout(activations, masks)
-    units = [_as_units(x, f"activations of layer {i}", to_float=not fused, sync=sync) for i, x in enumerate(activations)]
+    units = [_as_units(x, i, to_float=not fused, sync=sync) for i, x in enumerate(activations)]
     batch = units[0].shape[0]
     for i, x in enumerate(units):
         if x.shape[0] != batch:
@@ -521,14 +532,16 @@ def batch_entropies(
         return entropies, measured
 
     # One float mask (B, U) per distinct (mask, layer shape), shared by the layers that have both.
-    expanded: dict[tuple, torch.Tensor] = {}
-    mask_keys, unit_masks = [], []
-    for x, a, m in zip(units, activations, masks):
-        key = None if m is None else (id(m), tuple(a.shape), x.device)
-        if key is not None and key not in expanded:
-            expanded[key] = unit_mask(m.to(x.device), a.shape)
-        mask_keys.append(key)
-        unit_masks.append(None if key is None else expanded[key])
+    mask_keys, unit_masks = None, masks
+    if any_mask:
+        expanded: dict[tuple, torch.Tensor] = {}
+        mask_keys, unit_masks = [], []
+        for x, a, m in zip(units, activations, masks):
+            key = None if m is None else (id(m), tuple(a.shape), x.device)
+            if key is not None and key not in expanded:
+                expanded[key] = unit_mask(m.to(x.device), a.shape)
+            mask_keys.append(key)
+            unit_masks.append(None if key is None else expanded[key])
 
     # Group layers by shape (same-shaped layers are the common case: every block of a transformer or a vanilla
     # network), chunk each group so the transient stacked copy stays bounded, and reduce each chunk in one pass.
