@@ -97,6 +97,8 @@ class BatchEntropyMixin:
         self._capture = None
         self._measures_nothing = False  # lbe_beta=0 and a model without anything to measure (see `_capture_ready`)
         self._tokens: TokenLayout | None = None
+        # The measured model's config, found once with the capture (unwrapping the model walks all its modules).
+        self._model_config: Any = None
         self._layer_names: list[str] = []
         self._resume_from: str | None = None
         self._lbe_alpha_step = AlphaStepper()
@@ -155,6 +157,7 @@ class BatchEntropyMixin:
         if self._capture is not None:
             self._capture.remove()
         self._capture, self._tokens, self._layer_names, self.regularizer = None, None, [], None
+        self._model_config = None
         self._measures_nothing = False
         self._lbe_tally.discard()
         self._lbe_alpha_step.reset()
@@ -174,6 +177,7 @@ class BatchEntropyMixin:
             return False
         self._capture = select_capture(unwrapped, targets)
         self._tokens = TokenLayout(unwrapped)
+        self._model_config = getattr(unwrapped, "config", None)
         self._layer_names = []
         return True
 
@@ -247,7 +251,7 @@ class BatchEntropyMixin:
         if not (training or self.args.lbe_eval_entropy) or not self._capture_ready(model):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         user_wants_hidden_states = bool(inputs.get("output_hidden_states")) or bool(
-            getattr(getattr(self.accelerator.unwrap_model(model, keep_torch_compile=False), "config", None), "output_hidden_states", False)
+            getattr(self._model_config, "output_hidden_states", False)
         )
         # The outputs only where someone needs them: the caller, or nn.DataParallel, whose replicas' hidden states
         # are gathered in the outputs alone. Otherwise the capture records them from the forward itself, and a base

@@ -424,6 +424,22 @@ def test_non_finite_lbe_settings_are_rejected_when_the_config_is_built(tmp_path)
                 make_args(tmp_path, **{name: value})
 
 
+@pytest.mark.parametrize("in_config", [False, True])
+def test_outputs_keep_hidden_states_only_where_the_config_asks(tmp_path, in_config):
+    """The capture asks the model for its hidden states; the outputs hand them on only where the user's config (read
+    at each step) wants them, as the model alone would."""
+    model = tiny_bert()
+    trainer = BatchEntropyTrainer(model=model, args=make_args(tmp_path, lbe_beta=0.5), train_dataset=token_dataset())
+    batch = trainer.data_collator([token_dataset()[i] for i in range(4)])
+    _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert outputs.hidden_states is None
+    model.config.output_hidden_states = in_config
+    _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert (outputs.hidden_states is not None) == in_config
+    if in_config:
+        assert len(outputs.hidden_states) == 3
+
+
 def test_model_without_output_hidden_states_falls_back_to_hooks(tmp_path):
     from transformers import BertForSequenceClassification
 
