@@ -7,7 +7,7 @@ the code and the host that made it and re-run:
     >>> from experiments.provenance import provenance
     >>> record = provenance(["scripts/benchmark.py", "--device", "cpu"], packages=["deepspeed"])
     >>> sorted(record)
-    ['command', 'commit', 'dirty', 'machine', 'started', 'versions']
+    ['changed_files', 'command', 'commit', 'dirty', 'machine', 'started', 'versions']
 
 Not imported by `import hf_batch_entropy`, and imports nothing of it: a script can load this file on its own.
 """
@@ -93,16 +93,21 @@ def provenance(
         **machine: Facts about how the run used the machine (threads, processes, ...), added to `machine`.
 
     Returns:
-        `{"command", "commit", "dirty", "versions", "machine", "started"}`: `commit` is `git rev-parse HEAD` of the
-        checkout (None outside one), `dirty` whether tracked files differed from it, `versions` the Python and
-        package versions (None for one that is not installed), `machine` the platform, CPU model, logical CPUs and
-        CUDA device (None without one), plus `machine`'s keyword arguments; `started` the local time.
+        `{"command", "commit", "dirty", "changed_files", "versions", "machine", "started"}`: `commit` is
+        `git rev-parse HEAD` of the checkout (None outside one), `dirty` whether tracked files differed from it,
+        `changed_files` which did (a run that follows runs which rewrote their result files shows that only those
+        differed; None outside a checkout), `versions` the Python and package versions (None for one that is not
+        installed), `machine` the platform, CPU model, logical CPUs and CUDA device (None without one), plus
+        `machine`'s keyword arguments; `started` the local time.
     """
     argv = list(sys.argv if argv is None else argv)
     if argv and os.path.isabs(argv[0]):
         argv[0] = os.path.relpath(argv[0])
     argv = argv[:1] + [portable_path(word) for word in argv[1:]]
     status = git("status", "--porcelain", "--untracked-files=no", cwd=repo)
+    changed = None if status is None else []
+    if status:
+        changed = (git("diff", "--name-only", "HEAD", cwd=repo) or "").splitlines()
     cuda = None
     if "torch" in sys.modules:
         import torch
@@ -112,6 +117,7 @@ def provenance(
         "command": shlex.join(["python", *argv]),
         "commit": git("rev-parse", "HEAD", cwd=repo),
         "dirty": None if status is None else bool(status),
+        "changed_files": changed,
         "versions": {"python": platform.python_version(), "hf_batch_entropy": _version("hf-batch-entropy"),
                      **{p: _version(p) for p in (*CORE_PACKAGES, *packages)}},
         "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),

@@ -36,6 +36,23 @@ def test_commit_and_dirty_state_of_the_checkout():
         assert record["commit"] is None and record["dirty"] is None
 
 
+def test_changed_files_name_what_differs_from_the_commit(tmp_path):
+    def run(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    run("init", "-q")
+    for name in ("code.py", "result.json"):
+        (tmp_path / name).write_text("0\n")
+    run("add", ".")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+    (tmp_path / "untracked.txt").write_text("not ours\n")
+    clean = provenance(["scripts/x.py"], repo=str(tmp_path))
+    assert clean["dirty"] is False and clean["changed_files"] == []
+    (tmp_path / "result.json").write_text("1\n")
+    changed = provenance(["scripts/x.py"], repo=str(tmp_path))
+    assert changed["dirty"] is True and changed["changed_files"] == ["result.json"]
+
+
 def test_git_outside_a_repository_is_none(tmp_path):
     assert git("rev-parse", "HEAD", cwd=str(tmp_path)) is None
 
