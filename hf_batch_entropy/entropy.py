@@ -67,8 +67,9 @@ _CPU_CHUNK_NUMEL = 1 << 19
 # Where the backward of the fused path computes the gradients layer by layer rather than one stacked chunk at a time.
 _PER_LAYER_BACKWARD_DEVICES = ("cpu",)
 
-# `aten::mse_loss`'s `reduction` argument for none (`at::Reduction::None`).
+# `aten::mse_loss`'s `reduction` argument for none (`at::Reduction::None`), and its backward into a given tensor.
 _NO_REDUCTION = 0
+_MSE_BACKWARD = torch.ops.aten.mse_loss_backward.grad_input
 
 
 def _chunk_numel(device: torch.device) -> int:
@@ -251,19 +252,25 @@ class _SquaredDeviations(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         mean, *layers = ctx.saved_tensors
         mask = layers.pop(0) if ctx.masked else None
-        coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
         if layers[0].device.type in _PER_LAYER_BACKWARD_DEVICES or len(layers) == 1:
             # Layer by layer: no stacked copy, and each gradient is its own tensor, freed once autograd has used it.
-            # The same two operations per layer, `(x − μ)·coef`, issued as two multi-tensor (`_foreach`) calls: with
-            # hundreds of layers the per-operation Python and dispatch cost is a large part of the backward.
-            grads = torch._foreach_sub(layers, mean.unbind(0))
-            torch._foreach_mul_(grads, coef.unbind(0))
+            # With hundreds of layers the per-operation dispatch cost is a large part of the backward, so a float32
+            # layer's gradient is one operation: `mse_loss`'s backward without reduction computes `2·(x − μ)·grad`,
+            # which rounds as `(x − μ)·(2·grad)` does (doubling is exact), into a fresh tensor (not its default
+            # zero-filled one). Other dtypes take two multi-tensor (`_foreach`) calls, promoting to float32.
+            if layers[0].dtype == torch.float32:
+                grads = [_MSE_BACKWARD(g, x, m, _NO_REDUCTION, grad_input=torch.empty_like(x))
+                         for g, x, m in zip(grad.unsqueeze(1).unbind(0), layers, mean.unbind(0))]
+            else:
+                grads = torch._foreach_sub(layers, mean.unbind(0))
+                torch._foreach_mul_(grads, (grad.unsqueeze(1) * 2.0).unbind(0))
             if mask is not None:
                 grads = [_masked(g, mask) for g in grads]
             if layers[0].dtype != torch.float32:  # a chunk's layers share one dtype (`_chunks`)
                 grads = [g.to(layers[0].dtype) for g in grads]
         else:
             # On accelerators, a few large kernels per chunk rather than a few small ones per layer.
+            coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
             stacked = torch.stack(layers)
             out = stacked.float() if stacked.dtype != torch.float32 else stacked
             out = _masked(out.sub_(mean).mul_(coef), mask)
