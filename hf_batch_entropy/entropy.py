@@ -252,6 +252,7 @@ class _SquaredDeviations(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         mean, *layers = ctx.saved_tensors
         mask = layers.pop(0) if ctx.masked else None
+        coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
         if layers[0].device.type in _PER_LAYER_BACKWARD_DEVICES or len(layers) == 1:
             # Layer by layer: no stacked copy, and each gradient is its own tensor, freed once autograd has used it.
             # With hundreds of layers the per-operation dispatch cost is a large part of the backward, so a float32
@@ -263,14 +264,13 @@ class _SquaredDeviations(torch.autograd.Function):
                          for g, x, m in zip(grad.unsqueeze(1).unbind(0), layers, mean.unbind(0))]
             else:
                 grads = torch._foreach_sub(layers, mean.unbind(0))
-                torch._foreach_mul_(grads, (grad.unsqueeze(1) * 2.0).unbind(0))
+                torch._foreach_mul_(grads, coef.unbind(0))
             if mask is not None:
                 grads = [_masked(g, mask) for g in grads]
             if layers[0].dtype != torch.float32:  # a chunk's layers share one dtype (`_chunks`)
                 grads = [g.to(layers[0].dtype) for g in grads]
         else:
             # On accelerators, a few large kernels per chunk rather than a few small ones per layer.
-            coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
             stacked = torch.stack(layers)
             out = stacked.float() if stacked.dtype != torch.float32 else stacked
             out = _masked(out.sub_(mean).mul_(coef), mask)
