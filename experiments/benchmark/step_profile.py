@@ -21,7 +21,8 @@ in alternating order, median process CPU time:
 
 The same parts on their own (the estimator's forward, its forward and backward, α's step, the tally, the NaN
 count), then the trainers themselves (`scripts/benchmark.py`'s turns, `--clock cpu`), and the floor: one read of the 500
-activations (`sum`) and one write of a gradient per layer (`empty_like` + `fill_`), to compare with what LBE adds.
+activations (`sum`) and one write of a gradient per layer (`empty_like` + `fill_`), to compare with what LBE adds;
+and each pass the estimator makes over the activations, timed on its own from cold caches (`passes`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,67 @@ BARE = ("plain", "hidden_states", "estimator_no_grad", "lbe_term", "alpha_step",
 def _median_ms(times: list[float]) -> dict:
     return {"median_ms": round(1000 * statistics.median(times), 2), "fastest_ms": round(1000 * min(times), 2),
             "n": len(times)}
+
+
+def _passes(hidden: list, clock, reps: int) -> dict:
+    """Each pass the estimator makes over the activations, on its own, with the same operators as
+    `hf_batch_entropy.entropy` on CPU, from cold caches (a 256 MiB sweep before each repetition, as in a step, where
+    the model's weights and optimizer state pass through the caches between the forward and the backward): the
+    forward's stacking of each chunk into the scratch (its one read of the activations), the three reductions over the
+    cache-sized scratch (batch mean, squared deviations in place, sum over the batch), the backward's gradient per layer
+    (`mse_loss_backward` into a fresh tensor, reading the activation again) and autograd's in-place accumulation of
+    that gradient with the model's own (one `add_` per layer)."""
+    import torch
+
+    from hf_batch_entropy import entropy
+
+    batch, units = hidden[0].shape
+    per_chunk = max(1, entropy._chunk_numel(hidden[0].device) // hidden[0].numel())
+    chunks = [hidden[i : i + per_chunk] for i in range(0, len(hidden), per_chunk)]
+    scratch = torch.empty(per_chunk * batch * units)
+    sweep = torch.empty(64 << 20)
+    means = [h.mean(dim=0, keepdim=True) for h in hidden]
+    coefs = [torch.rand(1, units) for _ in hidden]
+    model_grads = [torch.rand_like(h) for h in hidden]
+    ours = [torch.rand_like(h) for h in hidden]
+
+    def stacks(chunk):
+        return torch.stack(chunk, out=scratch[: len(chunk) * batch * units].view(len(chunk), batch, units))
+
+    def stack():
+        for chunk in chunks:
+            stacks(chunk)
+
+    def reductions():
+        for chunk in chunks:
+            stacked = scratch[: len(chunk) * batch * units].view(len(chunk), batch, units)
+            mean = stacked.mean(dim=1, keepdim=True)
+            torch._C._nn.mse_loss(stacked, mean.expand_as(stacked), 0, out=stacked).sum(dim=1)
+
+    def gradient():
+        for x, mean, coef in zip(hidden, means, coefs):
+            entropy._MSE_BACKWARD(coef, x, mean, 0, grad_input=torch.empty_like(x))
+
+    def accumulate():
+        for g, o in zip(model_grads, ours):
+            g.add_(o)
+
+    parts = {"forward: stack each chunk into the scratch (cold read)": stack,
+             "forward: mean, squared deviations, sum over the scratch (cache-sized)": reductions,
+             "backward: gradient per layer, mse_loss_backward (cold read, fresh write)": gradient,
+             "backward: autograd's accumulation with the model's gradient, add_ per layer (cold)": accumulate}
+    out = {"layers_per_chunk": per_chunk}
+    for name, fn in parts.items():
+        times = []
+        for _ in range(reps):
+            sweep.fill_(1.0)
+            if fn is reductions:
+                stack()  # the scratch as the forward leaves it
+            begin = clock()
+            fn()
+            times.append(clock() - begin)
+        out[name] = _median_ms(times)
+    return out
 
 
 def main() -> None:
@@ -178,6 +240,7 @@ def main() -> None:
         floor["write"].append(clock() - begin)
     results["floor"] = {name: _median_ms(t) for name, t in floor.items()}
     results["floor"]["activation_mb"] = round(sum(h.numel() * h.element_size() for h in hidden) / 2**20, 1)
+    results["passes"] = _passes(hidden, clock, args.reps)
     del hidden, model, optimizer
 
     # The trainers, as scripts/benchmark.py runs them (the clock above), alternating.
@@ -224,6 +287,7 @@ def main() -> None:
     for v, r in results["trainers"].items():
         print(f"trainer {v:12s} {r['median_ms']:10.1f} (fastest {r['fastest_ms']:.1f})")
     print("floor:", results["floor"])
+    print("passes:", results["passes"])
     for name, r in results["isolated"].items():
         print(f"isolated {name}: {r['median_ms']} ms (fastest {r['fastest_ms']})")
     for row in results["profile_difference"][:20]:
