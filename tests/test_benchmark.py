@@ -66,3 +66,16 @@ def test_bad_counts_are_one_line_naming_the_program(command, program):
     assert done.returncode == 2 and done.stdout == ""
     flag, value = command[-2:]
     assert done.stderr.strip() == f"{program}: error: argument {flag}: must be >= 1, got {value}"
+
+
+def test_mlp_cases_are_the_depth_500_mlp_at_their_width():
+    """`mlp64` … `mlp1000`: the same depth-500 MLP, batch 128, at the width in the name (built small here: the
+    builder's model at depth 2)."""
+    from experiments.benchmark import cases
+
+    for name, width in cases.MLP_WIDTHS.items():
+        case = cases.get_case(name)
+        assert name in cases.ALL_CASES and case.batch_size == 128
+        assert case.description == f"vanilla MLP depth 500 width {width}, batch 128"
+        model = cases._vanilla_mlp(width, depth=2)()
+        assert model.config.width == width and [layer.dense.out_features for layer in model.layers] == [width, width]

@@ -12,7 +12,10 @@ from torch.utils.data import Dataset
 
 CPU_CASES = ("minilm", "mlp256")
 CUDA_CASES = ("bert-base", "mlp1000")
-ALL_CASES = ("minilm", "mlp256", "bert-base", "mlp1000", "tiny-bert")
+# The MLP at depth 500 and widths 64 to 1000: how the cost of LBE's per-layer passes compares with the matrix
+# products as the layers grow (a layer's activations grow with the width, its matrix product with its square).
+MLP_WIDTHS = {"mlp64": 64, "mlp256": 256, "mlp512": 512, "mlp1000": 1000}
+ALL_CASES = ("minilm", "mlp256", "bert-base", "mlp1000", "tiny-bert", "mlp64", "mlp512")
 
 
 # --- data and models --------------------------------------------------------------------------------------------------
@@ -108,8 +111,7 @@ def get_case(name: str) -> Case:
                     _text_data(1024))
     if name == "bert-base":
         return Case(name, "BERT-base (random init) seq. classification, 32 × 128 tokens", 32, _bert_base, _text_data(30522))
-    if name == "mlp256":
-        return Case(name, "vanilla MLP depth 500 width 256, batch 128", 128, _vanilla_mlp(256), _image_data())
-    if name == "mlp1000":
-        return Case(name, "vanilla MLP depth 500 width 1000, batch 128", 128, _vanilla_mlp(1000), _image_data())
+    if name in MLP_WIDTHS:
+        width = MLP_WIDTHS[name]
+        return Case(name, f"vanilla MLP depth 500 width {width}, batch 128", 128, _vanilla_mlp(width), _image_data())
     raise SystemExit(f"Unknown case {name!r}; choose from {', '.join(ALL_CASES)}.")
