@@ -15,7 +15,7 @@ CUDA_CASES = ("bert-base", "mlp1000")
 # The MLP at depth 500 and widths 64 to 1000: how the cost of LBE's per-layer passes compares with the matrix
 # products as the layers grow (a layer's activations grow with the width, its matrix product with its square).
 MLP_WIDTHS = {"mlp64": 64, "mlp256": 256, "mlp512": 512, "mlp1000": 1000}
-ALL_CASES = ("minilm", "mlp256", "bert-base", "mlp1000", "tiny-bert", "mlp64", "mlp512")
+ALL_CASES = ("minilm", "bert-base", "tiny-bert", *MLP_WIDTHS)
 
 
 # --- data and models --------------------------------------------------------------------------------------------------
