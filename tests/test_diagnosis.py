@@ -38,6 +38,7 @@ def test_shallow_vanilla_mlp_is_not_flagged():
     report = diagnose(VanillaMLPConfig(depth=3, width=32), num_batches=2, batch_size=32)
     assert report.trainable and report.flagged == []
     assert float(report.entropies.min()) > 100 * DEFAULT_THRESHOLD
+    assert not report.entropies.requires_grad  # no autograd graph is built, none is kept
     assert "OK" in str(report)
 
 

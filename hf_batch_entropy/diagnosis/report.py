@@ -290,8 +290,9 @@ def diagnose(
 
 
 def _run(model: nn.Module, batch, capture, device) -> tuple[list[torch.Tensor], list[str]]:
-    """One forward of `batch` (a dict of inputs, or a tensor passed positionally) with `capture`."""
-    with capture.capturing():
+    """One forward of `batch` (a dict of inputs, or a tensor passed positionally) with `capture`, without an autograd
+    graph: the diagnosis only reads the activations."""
+    with torch.no_grad(), capture.capturing():
         if isinstance(batch, torch.Tensor):
             extra = capture.prepare_inputs({})
             outputs = model(batch.to(device), **extra)
