@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["cpu_model", "git", "portable_path", "provenance"]
+__all__ = ["cpu_id", "cpu_model", "git", "portable_path", "provenance"]
 
 #: Versions recorded in every provenance (besides this package's, as `hf_batch_entropy`, and the ones a caller names).
 CORE_PACKAGES = ("torch", "transformers", "accelerate", "numpy")
@@ -40,16 +40,41 @@ def git(*args: str, cwd: str | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+def _cpuinfo() -> dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo (Linux; empty elsewhere), keys lower-cased."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields[key.strip().lower()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+#: The vector instruction sets whose presence `cpu_id` records: what decides which kernels MKL, oneDNN and ATen run.
+VECTOR_ISAS = ("sse4_2", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_id() -> dict[str, Any]:
+    """The CPU's vendor, family and model numbers and which of `VECTOR_ISAS` it has, from /proc/cpuinfo (Linux;
+    empty elsewhere): model names such as "AMD EPYC" cover several generations whose kernels, and so whose figures,
+    differ."""
+    info = _cpuinfo()
+    if not info:
+        return {}
+    flags = set(info.get("flags", "").split())
+    return {"vendor": info.get("vendor_id"), "family": info.get("cpu family"), "model": info.get("model"),
+            "vector_isas": [isa for isa in VECTOR_ISAS if isa in flags]}
 
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,8 +122,9 @@ def provenance(
         `git rev-parse HEAD` of the checkout (None outside one), `dirty` whether tracked files differed from it,
         `changed_files` which did (a run that follows runs which rewrote their result files shows that only those
         differed; None outside a checkout), `versions` the Python and package versions (None for one that is not
-        installed), `machine` the platform, CPU model, logical CPUs and CUDA device (None without one), plus
-        `machine`'s keyword arguments; `started` the local time.
+        installed), `machine` the platform, CPU model, its family, model numbers and vector instruction sets
+        (`cpu_id`), the kernels ATen runs (where torch is imported), logical CPUs and CUDA device (None without
+        one), plus `machine`'s keyword arguments; `started` the local time.
     """
     argv = list(sys.argv if argv is None else argv)
     if argv and os.path.isabs(argv[0]):
@@ -108,11 +134,13 @@ def provenance(
     changed = None if status is None else []
     if status:
         changed = (git("diff", "--name-only", "HEAD", cwd=repo) or "").splitlines()
-    cuda = None
+    cuda = aten_kernels = None
     if "torch" in sys.modules:
         import torch
 
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        # The kernels ATen dispatches to: the CPU's best, or fewer where ATEN_CPU_CAPABILITY limits them.
+        aten_kernels = torch.backends.cpu.get_cpu_capability()
     return {
         "command": shlex.join(["python", *argv]),
         "commit": git("rev-parse", "HEAD", cwd=repo),
@@ -120,7 +148,7 @@ def provenance(
         "changed_files": changed,
         "versions": {"python": platform.python_version(), "hf_batch_entropy": _version("hf-batch-entropy"),
                      **{p: _version(p) for p in (*CORE_PACKAGES, *packages)}},
-        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "logical_cpus": os.cpu_count(),
-                    "cuda": cuda, **machine},
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_id": cpu_id(),
+                    "aten_cpu_capability": aten_kernels, "logical_cpus": os.cpu_count(), "cuda": cuda, **machine},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -7,7 +7,7 @@ import subprocess
 
 import torch
 
-from experiments.provenance import git, provenance
+from experiments.provenance import VECTOR_ISAS, git, provenance
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +22,20 @@ def test_record_names_the_command_commit_versions_and_machine():
     assert record["machine"]["logical_cpus"] == os.cpu_count() and record["machine"]["torch_threads"] == 1
     assert record["machine"]["cpu"]
     assert (record["machine"]["cuda"] is not None) == torch.cuda.is_available()
+    assert record["machine"]["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_cpu_id_names_the_generation_and_vector_instruction_sets():
+    cpu = provenance(["scripts/x.py"])["machine"]["cpu_id"]
+    if not os.path.exists("/proc/cpuinfo"):
+        assert cpu == {}
+        return
+    with open("/proc/cpuinfo") as f:
+        first = f.read().split("\n\n")[0]
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first.splitlines())}
+    assert cpu["family"] == fields.get("cpu family") and cpu["model"] == fields.get("model")
+    flags = set(fields.get("flags", "").split())
+    assert cpu["vector_isas"] == [isa for isa in VECTOR_ISAS if isa in flags]
 
 
 def test_commit_and_dirty_state_of_the_checkout():
