@@ -150,6 +150,11 @@ def install(in_place: bool = False) -> None:
         if model_grad is None or not model_grad.is_contiguous():
             raise RuntimeError("fused_cpu_probe --in_place needs a contiguous gradient from the model for every layer")
         kernels.add_squared_deviations_grad_(model_grad, layers[index], means, grad, index)
+        box["left"] -= 1
+        if box["left"] == 0:
+            # The box, reached from the layers' nodes through these hooks, holds the layers: emptied, it no longer
+            # closes a reference cycle that would keep the step's graph alive until Python's garbage collector runs.
+            box.clear()
         return None
 
     def forward(ctx, mean, mask, workspace, *layers):
@@ -171,6 +176,7 @@ def install(in_place: bool = False) -> None:
         means, *layers = ctx.saved_tensors
         if in_place:
             ctx.box["backward"] = (layers, means, grad.contiguous())
+            ctx.box["left"] = len(layers)
             return (None, None, None, *([None] * len(layers)))
         grads = kernels.squared_deviations_backward(layers, grad.contiguous(), means)
         return (None, None, None, *grads)
