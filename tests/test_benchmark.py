@@ -79,3 +79,60 @@ def test_mlp_cases_are_the_depth_500_mlp_at_their_width():
         assert case.description == f"vanilla MLP depth 500 width {width}, batch 128"
         model = cases._vanilla_mlp(width, depth=2)()
         assert model.config.width == width and [layer.dense.out_features for layer in model.layers] == [width, width]
+
+
+def _can_compile_cpp_extensions() -> bool:
+    import shutil
+
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return False
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+@pytest.mark.skipif(not _can_compile_cpp_extensions(), reason="the probe compiles C++: needs a compiler and ninja")
+@pytest.mark.parametrize("in_place", [False, True])
+def test_fused_cpu_probe_gives_the_estimators_values_and_gradients(in_place):
+    """The probe whose figures docs/benchmarks.md quotes computes what the package does (to float32 rounding), on a
+    chain of layers as in a model, so that what it times is the estimator's work."""
+    import torch
+
+    from experiments.benchmark.fused_cpu_probe import install
+    from hf_batch_entropy import batch_entropies, entropy
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(32, 32) for _ in range(12)]
+    for layer in layers:
+        torch.nn.init.orthogonal_(layer.weight, gain=1.4)
+    inputs = torch.randn(16, 32)
+    weights = torch.linspace(-1, 1, len(layers))
+
+    def step():
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        hidden, activations = inputs, []
+        for layer in layers:
+            hidden = torch.relu(layer(hidden))
+            activations.append(hidden)
+        entropies = batch_entropies(activations)
+        (hidden.square().mean() + (entropies * weights).sum()).backward()
+        return entropies.detach(), [layer.weight.grad.clone() for layer in layers]
+
+    expected, expected_grads = step()
+    saved = {"_squared_deviations": entropy._squared_deviations}
+    function = vars(entropy._SquaredDeviations)
+    saved_methods = {"forward": function["forward"], "backward": function["backward"]}
+    try:
+        install(in_place=in_place)
+        got, got_grads = step()
+    finally:
+        entropy._squared_deviations = saved["_squared_deviations"]
+        for name, method in saved_methods.items():
+            setattr(entropy._SquaredDeviations, name, method)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for got_grad, expected_grad in zip(got_grads, expected_grads):
+        torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-6)
+    # Restored: the package's own path again, bit for bit.
+    again, _ = step()
+    assert torch.equal(again, expected)
