@@ -99,7 +99,7 @@ def test_fused_cpu_probe_gives_the_estimators_values_and_gradients(in_place):
     import torch
 
     from experiments.benchmark.fused_cpu_probe import install
-    from hf_batch_entropy import batch_entropies, entropy
+    from hf_batch_entropy import batch_entropies
 
     torch.manual_seed(0)
     layers = [torch.nn.Linear(32, 32) for _ in range(12)]
@@ -120,16 +120,11 @@ def test_fused_cpu_probe_gives_the_estimators_values_and_gradients(in_place):
         return entropies.detach(), [layer.weight.grad.clone() for layer in layers]
 
     expected, expected_grads = step()
-    saved = {"_squared_deviations": entropy._squared_deviations}
-    function = vars(entropy._SquaredDeviations)
-    saved_methods = {"forward": function["forward"], "backward": function["backward"]}
+    restore = install(in_place=in_place)
     try:
-        install(in_place=in_place)
         got, got_grads = step()
     finally:
-        entropy._squared_deviations = saved["_squared_deviations"]
-        for name, method in saved_methods.items():
-            setattr(entropy._SquaredDeviations, name, method)
+        restore()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for got_grad, expected_grad in zip(got_grads, expected_grads):
         torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-6)

@@ -1,20 +1,21 @@
 """What a fused CPU kernel for the estimator would buy: `scripts/benchmark.py` with the fused path's float32 CPU
-passes replaced by two small C++ loops, compiled on the spot. A research probe, not part of the package: it needs a C++
+passes replaced by small C++ loops, compiled on the spot. A research probe, not part of the package: it needs a C++
 compiler and `ninja`, and it is not bit-identical to the estimator (its sums run in another order).
 
-    python experiments/benchmark/fused_cpu_probe.py --cases mlp256 --steps 5 --warmup 2 --rounds 8 \
+    python experiments/benchmark/fused_cpu_probe.py [--in_place] --cases mlp256 --steps 5 --warmup 2 --rounds 8 \
         --memory_steps 2 --memory_repeats 3 --output docs/benchmarks/zen2_default_threads_fused_probe.json
 
-Every argument goes to `scripts/benchmark.py`; the JSON's note says the probe ran. What is replaced, for a chunk of
-unmasked float32 layers `(B, U)` on the CPU (anything else takes the package's own code):
+Every argument but `--in_place` goes to `scripts/benchmark.py`; the JSON's note says the probe ran. What is replaced,
+for a chunk of unmasked float32 layers `(B, U)` on the CPU (anything else takes the package's own code):
 
 - forward: per layer, the batch mean and `Σ_b (x − μ)²` in two passes over the layer (the second from the cache),
   the layers split over the threads (`at::parallel_for`), with no stacked copy;
 - backward: every layer's gradient `2·(x − μ)·grad` in one call, the layers split over the threads, into fresh
-  tensors; autograd still adds each to the model's own gradient (one `add_` per layer), as with the package's code.
-
-So the probe measures what one call per chunk and both cores buy for the estimator's own passes, not the in-place
-addition into the model's gradient, which autograd's engine does not let a node do.
+  tensors; autograd still adds each to the model's own gradient (one `add_` per layer), as with the package's code;
+- backward with `--in_place`: no gradient for the layers from the estimator's node; a pre-hook on each layer's own
+  autograd node adds `2·(x − μ)·grad` into the model's gradient of that layer, in place. Safe here only because the
+  benchmark's MLP hands every layer a fresh gradient of its own (a residual block's addition passes one tensor to two
+  branches, which this would corrupt).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -121,9 +123,10 @@ def _load_kernels():
     )
 
 
-def install(in_place: bool = False) -> None:
+def install(in_place: bool = False) -> Callable[[], None]:
     """Route the fused path's unmasked float32 CPU chunks through the C++ loops. `in_place`: the backward returns no
-    gradient for the layers; a pre-hook on each layer's autograd node adds its term into the model's gradient there."""
+    gradient for the layers; a pre-hook on each layer's autograd node adds its term into the model's gradient there.
+    Returns a function that puts the package's own code back."""
     import torch
 
     from hf_batch_entropy import entropy
@@ -132,6 +135,8 @@ def install(in_place: bool = False) -> None:
     original_forward = entropy._SquaredDeviations.forward
     original_backward = entropy._SquaredDeviations.backward
     original_plain = entropy._squared_deviations
+    # As the class holds them (staticmethod objects), so that restoring them does not turn them into methods.
+    held = {name: vars(entropy._SquaredDeviations)[name] for name in ("forward", "backward")}
 
     def handled(mean, layers, mask) -> bool:
         return (mean is None and mask is None and layers[0].device.type == "cpu"
@@ -181,9 +186,15 @@ def install(in_place: bool = False) -> None:
         grads = kernels.squared_deviations_backward(layers, grad.contiguous(), means)
         return (None, None, None, *grads)
 
+    def restore() -> None:
+        entropy._squared_deviations = original_plain
+        for name, method in held.items():
+            setattr(entropy._SquaredDeviations, name, method)
+
     entropy._squared_deviations = plain
     entropy._SquaredDeviations.forward = staticmethod(forward)
     entropy._SquaredDeviations.backward = staticmethod(backward)
+    return restore
 
 
 def main(argv: list[str] | None = None) -> None:
