@@ -9,6 +9,7 @@ import zipfile
 REQUIRED = {
     "hf_batch_entropy/__init__.py",
     "hf_batch_entropy/trainer.py",
+    "hf_batch_entropy/csrc/squared_deviations.cpp",
     "hf_batch_entropy/models/modeling_vanilla.py",
     "hf_batch_entropy/metrics/glue/glue.py",
     "hf_batch_entropy/accelerate_configs/ddp.yaml",

@@ -14,8 +14,9 @@ Two paths compute it:
 - `batch_entropies(xs)`: many layers at once. Layers of the same flattened shape and dtype are reduced together, in
   chunks, each in one pass (a custom autograd function that keeps only the per-unit means, not a stacked copy of the
   activations, for the backward), so that on accelerators the number of kernels per step does not grow with depth
-  (up to `_MAX_CHUNK_NUMEL` floats per chunk). On CPUs the chunks are cache-sized and the backward goes layer by layer:
-  there memory traffic, not kernel launches, is the cost. With `sync=True` the per-unit statistics are merged across
+  (up to `_MAX_CHUNK_NUMEL` floats per chunk). On CPUs the chunks are cache-sized and the backward goes layer by layer;
+  there the cost is the number of operations per layer, so unmasked float32 chunks go through one compiled loop per
+  chunk (`cpu_kernel`), which rounds exactly as the operators do. With `sync=True` the per-unit statistics are merged across
   processes first (`torch.distributed`), with gradients flowing through the merge.
 
 Padding. Token-level activations `(B, T, ...)` of a padded batch come with a mask `(B, T)` (1 for a real token, 0
@@ -44,6 +45,7 @@ from collections.abc import Hashable, Sequence
 import torch
 import torch.distributed as dist
 
+from . import cpu_kernel
 from ._compat import order_backward
 
 __all__ = [
@@ -176,7 +178,10 @@ def _squared_deviations(
     """`(Σ_b m·(x − μ)²  (L, U), μ  (L, 1, U))` of same-shaped layers `(B, U)`, in float32; `μ` computed if `None`;
     `m` the unit mask `(B, U)` (all ones if `None`). Padded entries are replaced by 0 (selection, not a product, so a
     NaN there stays out). `workspace`: optional float32 scratch of at least `L·B·U` elements for the stacked copy
-    (nothing returned refers to it, so one call's chunks can share it)."""
+    (nothing returned refers to it, so one call's chunks can share it). Unmasked float32 chunks on CPUs go through
+    `cpu_kernel` where it is available (one call, the same rounding)."""
+    if cpu_kernel.handles(layers, mask):
+        return cpu_kernel.squared_deviations(layers, mean)
     padding = _padding(mask) if mask is not None else None
     own = True  # whether `stacked` is a copy of ours, to be masked and overwritten in place
     if (workspace is not None and len(layers) > 1 and layers[0].dtype == torch.float32
@@ -245,6 +250,7 @@ class _SquaredDeviations(torch.autograd.Function):
                 *layers: torch.Tensor) -> torch.Tensor:
         squares, mean = _squared_deviations(mean, layers, mask, workspace)
         ctx.masked = mask is not None
+        ctx.kernel = cpu_kernel.handles(layers, mask)  # as `_squared_deviations` decided
         ctx.save_for_backward(mean, *(([mask]) if mask is not None else []), *layers)
         return squares
 
@@ -252,6 +258,8 @@ class _SquaredDeviations(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         mean, *layers = ctx.saved_tensors
         mask = layers.pop(0) if ctx.masked else None
+        if ctx.kernel:
+            return (None, None, None, *cpu_kernel.squared_deviations_backward(layers, grad, mean))
         coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
         if layers[0].device.type in _PER_LAYER_BACKWARD_DEVICES or len(layers) == 1:
             # Layer by layer: no stacked copy, and each gradient is its own tensor, freed once autograd has used it.
@@ -401,12 +409,14 @@ def _schedule_with_layers(output: torch.Tensor, layers: list[torch.Tensor]) -> N
     order_backward(output, layers)
 
 
-def _workspace(units: list[torch.Tensor], chunks: list[list[int]]) -> torch.Tensor | None:
+def _workspace(units: list[torch.Tensor], chunks: list[list[int]], masks: list[torch.Tensor | None]
+               ) -> torch.Tensor | None:
     """One float32 scratch for the stacked copies of all chunks of a call, on CPUs (where a fresh allocation per chunk
     costs page faults and the chunks are processed one after the other); `None` elsewhere or where no float32 chunk of
-    several layers exists (then each chunk allocates its own)."""
+    several layers is stacked (then each chunk allocates its own; `cpu_kernel`'s chunks stack nothing)."""
     sizes = [len(chunk) * units[chunk[0]].numel() for chunk in chunks
-             if len(chunk) > 1 and units[chunk[0]].dtype == torch.float32 and units[chunk[0]].device.type == "cpu"]
+             if len(chunk) > 1 and units[chunk[0]].dtype == torch.float32 and units[chunk[0]].device.type == "cpu"
+             and not cpu_kernel.handles([units[i] for i in chunk], masks[chunk[0]])]
     return torch.empty(max(sizes), dtype=torch.float32, device="cpu") if sizes else None
 
 
@@ -417,7 +427,7 @@ def _local_squares(
     """Per chunk `Σ_b (x − μ)²` `(L_chunk, U)` about each layer's own batch mean, and the number of values per unit
     (the batch size, or `(U,)` counts of real tokens where masked)."""
     squares, counts = [], []
-    workspace = _workspace(units, chunks)
+    workspace = _workspace(units, chunks, masks)
     for chunk in chunks:
         mask = masks[chunk[0]]
         squares.append(_squares(None, [units[i] for i in chunk], [originals[i] for i in chunk], mask, workspace))
@@ -461,7 +471,7 @@ def _global_squares(
             (m / (c.clamp_min(1) if c.dim() else c)).unsqueeze(1).to(s.device)
             for m, c, s in zip(means, global_counts, sums)
         ]
-    workspace = _workspace(units, chunks)
+    workspace = _workspace(units, chunks, masks)
     local = [
         _squares(mean, [units[i] for i in chunk], [originals[i] for i in chunk], masks[chunk[0]], workspace)
         for mean, chunk in zip(means, chunks)
