@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ENV_VAR", "handles", "squared_deviations", "squared_deviations_backward"]
+__all__ = ["ENV_VAR", "handles", "squared_deviations", "squared_deviations_backward", "status"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def _build():
         return load(name="hf_batch_entropy_cpu", sources=[_SOURCE], extra_cflags=flags, verbose=False)
     except Exception as error:  # no compiler, no ninja, a read-only cache, ...: the operators still work
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _state["failure"] = f"{type(error).__name__}: {reason}"
         warnings.warn(
             f"hf_batch_entropy could not compile its CPU kernel ({type(error).__name__}: {reason}). The estimator uses "
             "PyTorch's operators instead: the same numbers, slower on CPUs (about a tenth of a training step on a "
@@ -88,6 +89,20 @@ def _eight_lane_aten() -> bool:
         _state["capability"] = (torch.backends.cpu.get_cpu_capability()
                                 if machine in ("x86_64", "amd64") else f"not x86-64 ({machine})")
     return _state["capability"] in _EIGHT_LANE_CAPABILITIES
+
+
+def status() -> str:
+    """What the estimator's float32 CPU chunks run on in this process, for logs and benchmark records: "compiled",
+    "operators: ..." with the reason, or "not tried yet" before the first chunk."""
+    if "capability" in _state and not _eight_lane_aten():
+        return f"operators: ATen's {_state['capability']} kernels (another summation order)"
+    if "module" not in _state:
+        return "not tried yet"
+    if _state["module"] is not None:
+        return "compiled"
+    if "failure" in _state:
+        return f"operators: the kernel could not be built ({_state['failure']})"
+    return f"operators: turned off ({ENV_VAR})"
 
 
 def handles(layers: Sequence[torch.Tensor], mask: torch.Tensor | None) -> bool:

@@ -79,6 +79,7 @@ def test_values_and_gradients_are_bit_identical_to_the_operators(monkeypatch, ke
     layers = _layers(batch, units, 5, seed=batch * 1000 + units)
     got, got_grads = _values_and_gradients(layers)
     assert kernel_calls["forward"] >= 1 and kernel_calls["backward"] >= 1  # the kernel ran
+    assert cpu_kernel.status() == "compiled"
     _operators_only(monkeypatch)
     want, want_grads = _values_and_gradients(layers)
     assert torch.equal(got, want)
@@ -134,6 +135,7 @@ def test_aten_kernels_of_another_width_take_the_operators(monkeypatch, fresh_sta
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(cpu_kernel, "_build", lambda: pytest.fail("must not compile for AVX-512 kernels"))
     assert not cpu_kernel.handles([torch.randn(8, 16)], None)
+    assert cpu_kernel.status() == "operators: ATen's AVX512 kernels (another summation order)"
 
 
 def test_a_failed_build_falls_back_to_the_operators_with_one_warning(monkeypatch, fresh_state):
@@ -151,6 +153,8 @@ def test_a_failed_build_falls_back_to_the_operators_with_one_warning(monkeypatch
         warnings.simplefilter("error")  # tried once: no second warning, no second attempt
         again = batch_entropies(layers)
     assert torch.equal(got, again)
+    assert cpu_kernel.status() == ("operators: the kernel could not be built "
+                                   "(RuntimeError: Ninja is required to load C++ extensions)")
     torch.testing.assert_close(got, batch_entropies(layers, fused=False), atol=1e-5, rtol=1e-5)
 
 
@@ -160,6 +164,7 @@ def test_the_environment_variable_turns_it_off(monkeypatch, fresh_state, value):
     monkeypatch.setattr(cpu_kernel, "_build", lambda: pytest.fail("must not compile when turned off"))
     monkeypatch.setattr(cpu_kernel, "_eight_lane_aten", lambda: True)
     assert not cpu_kernel.handles([torch.randn(8, 16)], None)
+    assert cpu_kernel.status() == "operators: turned off (HF_BATCH_ENTROPY_CPU_KERNEL)"
 
 
 def test_a_bad_environment_value_names_the_variable(monkeypatch, fresh_state):
