@@ -113,7 +113,8 @@ def handles(layers: Sequence[torch.Tensor], mask: torch.Tensor | None) -> bool:
     if (mask is not None or first.device.type != "cpu" or first.dtype != torch.float32 or first.dim() != 2
             or first.shape[1] < 2 or torch.compiler.is_compiling()):
         return False
-    if not all(x.is_contiguous() and x.layout == torch.strided for x in layers):
+    # Plain dense tensors: not subclasses (DTensor, fake tensors), whose memory the loops cannot read.
+    if not all(type(x) is torch.Tensor and x.layout == torch.strided and x.is_contiguous() for x in layers):
         return False
     return _eight_lane_aten() and _module() is not None
 

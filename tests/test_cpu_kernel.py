@@ -126,6 +126,7 @@ def test_chunks_it_does_not_know_take_the_operators(kernel_calls):
     assert not cpu_kernel.handles([torch.randn(8, 1, generator=g)], None)  # one unit: ATen sums it as a row
     assert not cpu_kernel.handles([plain, torch.randn(16, 8, generator=g).t()], None)  # not contiguous
     assert not cpu_kernel.handles([torch.randn(8, 4, 4, generator=g)], None)  # not (B, U)
+    assert not cpu_kernel.handles([torch.nn.Parameter(plain)], None)  # a subclass
     masks = [torch.ones(8, 4, dtype=torch.long)] * 2
     batch_entropies([torch.randn(8, 4, 3, generator=g) for _ in range(2)], masks=masks)
     assert kernel_calls["forward"] == 0

@@ -20,7 +20,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
+from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer, cpu_kernel
 from experiments.provenance import cpu_model, provenance
 from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
 
@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"ratio = BatchEntropyTrainer / Trainer",
     )
     meta["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    # Known only once the estimator has run (the kernel is built at its first chunk): what its CPU chunks ran on.
+    meta["machine"]["estimator_cpu_kernel"] = cpu_kernel.status()
     out = {"meta": meta, "results": results, "table": table, "complete": True}
     if _write(opts.output, out):
         log(f"wrote {opts.output}")
