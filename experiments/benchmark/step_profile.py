@@ -290,7 +290,10 @@ def main() -> None:
         print(f"  {row['extra_self_cpu_ms_per_step']:8.2f} ms  {row['extra_calls_per_step']:8.1f} calls  {row['op']}")
     from experiments.provenance import portable_path
 
+    from hf_batch_entropy import cpu_kernel
+
     settings = {**vars(args), "out": args.out and portable_path(args.out)}  # no local absolute path in the record
+    record["machine"]["estimator_cpu_kernel"] = cpu_kernel.status()  # known once the estimator has run
     output = {"provenance": record, "note": args.note, "settings": settings,
               "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None, **results}
     if args.out:
