@@ -1,6 +1,7 @@
 """What a fused CPU kernel for the estimator would buy: `scripts/benchmark.py` with the fused path's float32 CPU
-passes replaced by small C++ loops, compiled on the spot. A research probe, not part of the package: it needs a C++
-compiler and `ninja`, and it is not bit-identical to the estimator (its sums run in another order).
+passes replaced by small C++ loops, compiled on the spot. The research probe that preceded the package's own kernel
+(`hf_batch_entropy/cpu_kernel.py`, which rounds as PyTorch's operators do); kept for its `--in_place` variant. It
+needs a C++ compiler and `ninja`, and it is not bit-identical to the estimator (its sums run in another order).
 
     python experiments/benchmark/fused_cpu_probe.py [--in_place] --cases mlp256 --steps 5 --warmup 2 --rounds 8 \
         --memory_steps 2 --memory_repeats 3 --output docs/benchmarks/zen2_default_threads_fused_probe.json
