@@ -125,6 +125,7 @@ def test_fused_cpu_probe_gives_the_estimators_values_and_gradients(in_place):
         got, got_grads = step()
     finally:
         restore()
+    assert restore.calls["forward"] >= 1 and restore.calls["backward"] >= 1  # the C++ loops ran, not a fallback
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     for got_grad, expected_grad in zip(got_grads, expected_grads):
         torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-6)

@@ -127,7 +127,8 @@ def _load_kernels():
 def install(in_place: bool = False) -> Callable[[], None]:
     """Route the fused path's unmasked float32 CPU chunks through the C++ loops. `in_place`: the backward returns no
     gradient for the layers; a pre-hook on each layer's autograd node adds its term into the model's gradient there.
-    Returns a function that puts the package's own code back."""
+    Returns a function that puts the package's own code back; its `calls` counts the chunks the C++ loops computed
+    (`forward`) and differentiated (`backward`), so a caller can tell they ran."""
     import torch
 
     from hf_batch_entropy import entropy
@@ -138,6 +139,7 @@ def install(in_place: bool = False) -> Callable[[], None]:
     original_plain = entropy._squared_deviations
     # As the class holds them (staticmethod objects), so that restoring them does not turn them into methods.
     held = {name: vars(entropy._SquaredDeviations)[name] for name in ("forward", "backward")}
+    calls = {"forward": 0, "backward": 0}
 
     def handled(mean, layers, mask) -> bool:
         return (mean is None and mask is None and layers[0].device.type == "cpu"
@@ -168,6 +170,7 @@ def install(in_place: bool = False) -> Callable[[], None]:
             ctx.probe = False
             return original_forward(ctx, mean, mask, workspace, *layers)
         ctx.probe = True
+        calls["forward"] += 1
         squares, means = kernels.squared_deviations(list(layers))
         ctx.save_for_backward(means, *layers)
         if in_place:
@@ -180,6 +183,7 @@ def install(in_place: bool = False) -> Callable[[], None]:
         if not ctx.probe:
             return original_backward(ctx, grad)
         means, *layers = ctx.saved_tensors
+        calls["backward"] += 1
         if in_place:
             ctx.box["backward"] = (layers, means, grad.contiguous())
             ctx.box["left"] = len(layers)
@@ -192,6 +196,7 @@ def install(in_place: bool = False) -> Callable[[], None]:
         for name, method in held.items():
             setattr(entropy._SquaredDeviations, name, method)
 
+    restore.calls = calls
     entropy._squared_deviations = plain
     entropy._SquaredDeviations.forward = staticmethod(forward)
     entropy._SquaredDeviations.backward = staticmethod(backward)
