@@ -178,10 +178,8 @@ def _squared_deviations(
     """`(Σ_b m·(x − μ)²  (L, U), μ  (L, 1, U))` of same-shaped layers `(B, U)`, in float32; `μ` computed if `None`;
     `m` the unit mask `(B, U)` (all ones if `None`). Padded entries are replaced by 0 (selection, not a product, so a
     NaN there stays out). `workspace`: optional float32 scratch of at least `L·B·U` elements for the stacked copy
-    (nothing returned refers to it, so one call's chunks can share it). Unmasked float32 chunks on CPUs go through
-    `cpu_kernel` where it is available (one call, the same rounding)."""
-    if cpu_kernel.handles(layers, mask):
-        return cpu_kernel.squared_deviations(layers, mean)
+    (nothing returned refers to it, so one call's chunks can share it). PyTorch's operators; `cpu_kernel` computes the
+    same, bit for bit, for the chunks it handles."""
     padding = _padding(mask) if mask is not None else None
     own = True  # whether `stacked` is a copy of ours, to be masked and overwritten in place
     if (workspace is not None and len(layers) > 1 and layers[0].dtype == torch.float32
@@ -243,14 +241,16 @@ class _SquaredDeviations(torch.autograd.Function):
     is converted to float32 inside the stacked copy, not kept as a float32 copy). Each layer gets its own gradient
     tensor, which autograd frees as soon as the model's backward has consumed it, so that at no point do the
     gradients of all layers exist at once beyond a chunk.
+
+    With `kernel` (`_kernel_chunks`), `cpu_kernel` computes the forward and the backward, bit-identically.
     """
 
     @staticmethod
     def forward(ctx, mean: torch.Tensor | None, mask: torch.Tensor | None, workspace: torch.Tensor | None,
-                *layers: torch.Tensor) -> torch.Tensor:
-        squares, mean = _squared_deviations(mean, layers, mask, workspace)
+                kernel: bool, *layers: torch.Tensor) -> torch.Tensor:
+        squares, mean = _chunk_squared_deviations(mean, layers, mask, workspace, kernel)
         ctx.masked = mask is not None
-        ctx.kernel = cpu_kernel.handles(layers, mask)  # as `_squared_deviations` decided
+        ctx.kernel = kernel
         ctx.save_for_backward(mean, *(([mask]) if mask is not None else []), *layers)
         return squares
 
@@ -259,7 +259,7 @@ class _SquaredDeviations(torch.autograd.Function):
         mean, *layers = ctx.saved_tensors
         mask = layers.pop(0) if ctx.masked else None
         if ctx.kernel:
-            return (None, None, None, *cpu_kernel.squared_deviations_backward(layers, grad, mean))
+            return (None, None, None, None, *cpu_kernel.squared_deviations_backward(layers, grad, mean))
         coef = grad.unsqueeze(1) * 2.0  # (L, 1, U)
         if layers[0].device.type in _PER_LAYER_BACKWARD_DEVICES or len(layers) == 1:
             # Layer by layer: no stacked copy, and each gradient is its own tensor, freed once autograd has used it.
@@ -283,7 +283,7 @@ class _SquaredDeviations(torch.autograd.Function):
             out = stacked.float() if stacked.dtype != torch.float32 else stacked
             out = _masked(out.sub_(mean).mul_(coef), mask)
             grads = out.to(layers[0].dtype).unbind(0)
-        return (None, None, None, *grads)
+        return (None, None, None, None, *grads)
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -384,14 +384,25 @@ def _chunks(units: list[torch.Tensor], mask_keys: Sequence[Hashable] | None = No
     return chunked
 
 
+def _chunk_squared_deviations(
+    mean: torch.Tensor | None, layers: Sequence[torch.Tensor], mask: torch.Tensor | None,
+    workspace: torch.Tensor | None, kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_squared_deviations` of a chunk, by `cpu_kernel` where `kernel` (`_kernel_chunks` decided it)."""
+    if kernel:
+        return cpu_kernel.squared_deviations(layers, mean)
+    return _squared_deviations(mean, layers, mask, workspace)
+
+
 def _squares(
     mean: torch.Tensor | None, layers: list[torch.Tensor], originals: list[torch.Tensor], mask: torch.Tensor | None,
-    workspace: torch.Tensor | None = None,
+    workspace: torch.Tensor | None, kernel: bool,
 ) -> torch.Tensor:
     """`_SquaredDeviations` of `layers` (the `(B, U)` views of `originals`, the activations as the model made them)."""
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in layers)):
-        return _squared_deviations(mean, layers, mask, workspace)[0]  # no autograd.Function where no gradient is wanted
-    squares = _SquaredDeviations.apply(mean, mask, workspace, *layers)
+        # No autograd.Function where no gradient is wanted.
+        return _chunk_squared_deviations(mean, layers, mask, workspace, kernel)[0]
+    squares = _SquaredDeviations.apply(mean, mask, workspace, kernel, *layers)
     _schedule_with_layers(squares, originals)
     return squares
 
@@ -409,14 +420,18 @@ def _schedule_with_layers(output: torch.Tensor, layers: list[torch.Tensor]) -> N
     order_backward(output, layers)
 
 
-def _workspace(units: list[torch.Tensor], chunks: list[list[int]], masks: list[torch.Tensor | None]
-               ) -> torch.Tensor | None:
+def _kernel_chunks(units: list[torch.Tensor], chunks: list[list[int]], masks: list[torch.Tensor | None]) -> list[bool]:
+    """Per chunk, whether `cpu_kernel` computes it (decided once per chunk, for its forward, backward and scratch)."""
+    return [cpu_kernel.handles([units[i] for i in chunk], masks[chunk[0]]) for chunk in chunks]
+
+
+def _workspace(units: list[torch.Tensor], chunks: list[list[int]], kernel: list[bool]) -> torch.Tensor | None:
     """One float32 scratch for the stacked copies of all chunks of a call, on CPUs (where a fresh allocation per chunk
     costs page faults and the chunks are processed one after the other); `None` elsewhere or where no float32 chunk of
-    several layers is stacked (then each chunk allocates its own; `cpu_kernel`'s chunks stack nothing)."""
-    sizes = [len(chunk) * units[chunk[0]].numel() for chunk in chunks
+    several layers is stacked (then each chunk allocates its own; `cpu_kernel`'s chunks, `kernel`, stack nothing)."""
+    sizes = [len(chunk) * units[chunk[0]].numel() for chunk, by_kernel in zip(chunks, kernel)
              if len(chunk) > 1 and units[chunk[0]].dtype == torch.float32 and units[chunk[0]].device.type == "cpu"
-             and not cpu_kernel.handles([units[i] for i in chunk], masks[chunk[0]])]
+             and not by_kernel]
     return torch.empty(max(sizes), dtype=torch.float32, device="cpu") if sizes else None
 
 
@@ -427,10 +442,12 @@ def _local_squares(
     """Per chunk `Σ_b (x − μ)²` `(L_chunk, U)` about each layer's own batch mean, and the number of values per unit
     (the batch size, or `(U,)` counts of real tokens where masked)."""
     squares, counts = [], []
-    workspace = _workspace(units, chunks, masks)
-    for chunk in chunks:
+    kernel = _kernel_chunks(units, chunks, masks)
+    workspace = _workspace(units, chunks, kernel)
+    for chunk, by_kernel in zip(chunks, kernel):
         mask = masks[chunk[0]]
-        squares.append(_squares(None, [units[i] for i in chunk], [originals[i] for i in chunk], mask, workspace))
+        squares.append(_squares(None, [units[i] for i in chunk], [originals[i] for i in chunk], mask, workspace,
+                                by_kernel))
         counts.append(units[0].shape[0] if mask is None else mask.sum(dim=0))
     return squares, counts
 
@@ -471,10 +488,11 @@ def _global_squares(
             (m / (c.clamp_min(1) if c.dim() else c)).unsqueeze(1).to(s.device)
             for m, c, s in zip(means, global_counts, sums)
         ]
-    workspace = _workspace(units, chunks, masks)
+    kernel = _kernel_chunks(units, chunks, masks)
+    workspace = _workspace(units, chunks, kernel)
     local = [
-        _squares(mean, [units[i] for i in chunk], [originals[i] for i in chunk], masks[chunk[0]], workspace)
-        for mean, chunk in zip(means, chunks)
+        _squares(mean, [units[i] for i in chunk], [originals[i] for i in chunk], masks[chunk[0]], workspace, by_kernel)
+        for mean, chunk, by_kernel in zip(means, chunks, kernel)
     ]
     flat = _AllReduceSum.apply(torch.cat([sq.flatten().to(device) for sq in local]))
     squares, offset = [], 0

@@ -12,7 +12,8 @@ for a chunk of unmasked float32 layers `(B, U)` on the CPU (anything else takes 
 - forward: per layer, the batch mean and `Σ_b (x − μ)²` in two passes over the layer (the second from the cache),
   the layers split over the threads (`at::parallel_for`), with no stacked copy;
 - backward: every layer's gradient `2·(x − μ)·grad` in one call, the layers split over the threads, into fresh
-  tensors; autograd still adds each to the model's own gradient (one `add_` per layer), as with the package's code;
+  tensors (the package's own backward loop, `cpu_kernel.squared_deviations_backward`, the same arithmetic as the
+  probe's first runs); autograd still adds each to the model's own gradient (one `add_` per layer);
 - backward with `--in_place`: no gradient for the layers from the estimator's node; a pre-hook on each layer's own
   autograd node adds `2·(x − μ)·grad` into the model's gradient of that layer, in place. Safe here only because the
   benchmark's MLP hands every layer a fresh gradient of its own (a residual block's addition passes one tensor to two
@@ -62,35 +63,6 @@ std::vector<at::Tensor> squared_deviations(const std::vector<at::Tensor>& layers
   return {squares, means};
 }
 
-// Per layer: 2·(x − mean)·grad, (B, U), into fresh tensors.
-std::vector<at::Tensor> squared_deviations_backward(const std::vector<at::Tensor>& layers, const at::Tensor& grad,
-                                                    const at::Tensor& means) {
-  const int64_t L = layers.size(), B = layers[0].size(0), U = layers[0].size(1);
-  std::vector<at::Tensor> out(L);
-  std::vector<const float*> x(L);
-  std::vector<float*> y(L);
-  for (int64_t l = 0; l < L; ++l) {
-    out[l] = at::empty_like(layers[l]);
-    x[l] = layers[l].data_ptr<float>();
-    y[l] = out[l].data_ptr<float>();
-  }
-  const float* g = grad.data_ptr<float>();
-  const float* mu = means.data_ptr<float>();
-  at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> coef(U);
-    for (int64_t l = begin; l < end; ++l) {
-      const float* m = mu + l * U;
-      for (int64_t u = 0; u < U; ++u) coef[u] = 2.f * g[l * U + u];
-      for (int64_t b = 0; b < B; ++b) {
-        const float* row = x[l] + b * U;
-        float* o = y[l] + b * U;
-        for (int64_t u = 0; u < U; ++u) o[u] = (row[u] - m[u]) * coef[u];
-      }
-    }
-  });
-  return out;
-}
-
 // grad += 2·(x − mean[l])·g[l], in place: layer l's term added into the model's gradient of that layer, (B, U).
 void add_squared_deviations_grad_(at::Tensor grad, const at::Tensor& x, const at::Tensor& means, const at::Tensor& g,
                                   int64_t l) {
@@ -118,7 +90,7 @@ def _load_kernels():
     return load_inline(
         name="lbe_fused_cpu_probe",
         cpp_sources=_SOURCE,
-        functions=["squared_deviations", "squared_deviations_backward", "add_squared_deviations_grad_"],
+        functions=["squared_deviations", "add_squared_deviations_grad_"],
         extra_cflags=["-O3"],
         verbose=False,
     )
@@ -131,12 +103,14 @@ def install(in_place: bool = False) -> Callable[[], None]:
     (`forward`) and differentiated (`backward`), so a caller can tell they ran."""
     import torch
 
-    from hf_batch_entropy import entropy
+    from hf_batch_entropy import cpu_kernel, entropy
 
     kernels = _load_kernels()
+    if cpu_kernel._module() is None:  # its backward is the package's own
+        raise RuntimeError(f"fused_cpu_probe needs the package's CPU kernel: {cpu_kernel.status()}")
     original_forward = entropy._SquaredDeviations.forward
     original_backward = entropy._SquaredDeviations.backward
-    original_plain = entropy._squared_deviations
+    original_plain = entropy._chunk_squared_deviations
     # As the class holds them (staticmethod objects), so that restoring them does not turn them into methods.
     held = {name: vars(entropy._SquaredDeviations)[name] for name in ("forward", "backward")}
     calls = {"forward": 0, "backward": 0}
@@ -145,9 +119,9 @@ def install(in_place: bool = False) -> Callable[[], None]:
         return (mean is None and mask is None and layers[0].device.type == "cpu"
                 and all(x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() for x in layers))
 
-    def plain(mean, layers, mask=None, workspace=None):
+    def plain(mean, layers, mask, workspace, kernel):
         if not handled(mean, layers, mask):
-            return original_plain(mean, layers, mask, workspace)
+            return original_plain(mean, layers, mask, workspace, kernel)
         return tuple(kernels.squared_deviations(list(layers)))
 
     def add_term(box: dict, index: int, grad_outputs):
@@ -165,10 +139,10 @@ def install(in_place: bool = False) -> Callable[[], None]:
             box.clear()
         return None
 
-    def forward(ctx, mean, mask, workspace, *layers):
+    def forward(ctx, mean, mask, workspace, kernel, *layers):
         if not handled(mean, layers, mask):
             ctx.probe = False
-            return original_forward(ctx, mean, mask, workspace, *layers)
+            return original_forward(ctx, mean, mask, workspace, kernel, *layers)
         ctx.probe = True
         calls["forward"] += 1
         squares, means = kernels.squared_deviations(list(layers))
@@ -187,17 +161,17 @@ def install(in_place: bool = False) -> Callable[[], None]:
         if in_place:
             ctx.box["backward"] = (layers, means, grad.contiguous())
             ctx.box["left"] = len(layers)
-            return (None, None, None, *([None] * len(layers)))
-        grads = kernels.squared_deviations_backward(layers, grad.contiguous(), means)
-        return (None, None, None, *grads)
+            return (None, None, None, None, *([None] * len(layers)))
+        # The package's backward loop: the same arithmetic as the probe's (x − μ)·2g, into fresh tensors.
+        return (None, None, None, None, *cpu_kernel.squared_deviations_backward(layers, grad, means))
 
     def restore() -> None:
-        entropy._squared_deviations = original_plain
+        entropy._chunk_squared_deviations = original_plain
         for name, method in held.items():
             setattr(entropy._SquaredDeviations, name, method)
 
     restore.calls = calls
-    entropy._squared_deviations = plain
+    entropy._chunk_squared_deviations = plain
     entropy._SquaredDeviations.forward = staticmethod(forward)
     entropy._SquaredDeviations.backward = staticmethod(backward)
     return restore
