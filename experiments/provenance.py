@@ -123,8 +123,7 @@ def provenance(
         `changed_files` which did (a run that follows runs which rewrote their result files shows that only those
         differed; None outside a checkout), `versions` the Python and package versions (None for one that is not
         installed), `machine` the platform, CPU model, its family, model numbers and vector instruction sets
-        (`cpu_id`), the kernels ATen runs (where torch is imported), the estimator's CPU kernel (`cpu_kernel.status()`,
-        where the package is imported), logical CPUs and CUDA device (None without
+        (`cpu_id`), the kernels ATen runs (where torch is imported), logical CPUs and CUDA device (None without
         one), plus `machine`'s keyword arguments; `started` the local time.
     """
     argv = list(sys.argv if argv is None else argv)
@@ -142,8 +141,6 @@ def provenance(
         cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
         # The kernels ATen dispatches to: the CPU's best, or fewer where ATEN_CPU_CAPABILITY limits them.
         aten_kernels = torch.backends.cpu.get_cpu_capability()
-    # Whether the estimator's float32 CPU passes ran in the compiled kernel or as PyTorch's operators (same values).
-    kernel = sys.modules["hf_batch_entropy.cpu_kernel"].status() if "hf_batch_entropy.cpu_kernel" in sys.modules else None
     return {
         "command": shlex.join(["python", *argv]),
         "commit": git("rev-parse", "HEAD", cwd=repo),
@@ -152,6 +149,6 @@ def provenance(
         "versions": {"python": platform.python_version(), "hf_batch_entropy": _version("hf-batch-entropy"),
                      **{p: _version(p) for p in (*CORE_PACKAGES, *packages)}},
         "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_id": cpu_id(),
-                    "aten_cpu_capability": aten_kernels, "estimator_cpu_kernel": kernel, "logical_cpus": os.cpu_count(), "cuda": cuda, **machine},
+                    "aten_cpu_capability": aten_kernels, "logical_cpus": os.cpu_count(), "cuda": cuda, **machine},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
