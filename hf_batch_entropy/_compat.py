@@ -15,6 +15,10 @@ Private reads (functions below):
 - `lambda_lr_factor`: `LambdaLR.lr_lambdas[0](last_epoch)`, the exact factor Trainer's schedule gave the step.
 - `order_backward`: torch autograd's `Node._sequence_nr` / `_set_sequence_nr`, which order the estimator's backward
   next to its layers' (only the order of the backward moves; skipped where missing).
+- `squared_difference`, `squared_difference_backward`: ATen's `mse_loss` without reduction (`torch._C._nn.mse_loss`
+  with `out=`) and its backward op (`aten::mse_loss_backward.grad_input`), the fused estimator's one-operation
+  `(x − μ)²` and `2·(x − μ)·g` per layer; each rounds as the two operations it replaces (`sub` then `square`;
+  `sub` then `mul` by the doubled gradient), which the test checks bit for bit.
 - `prepare_inputs`: `Trainer._prepare_inputs`, which moves a batch to the device as `prediction_step` will (the
   mixin measures an unlabelled prediction batch with those tensors).
 - `CONV_LAYERS`: `torch.nn.modules.conv._ConvNd`, the base class of every `Conv`/`ConvTranspose` layer (the default
@@ -75,6 +79,8 @@ __all__ = [
     "prediction_uses_compute_loss",
     "prepare_inputs",
     "prompt_learning_config",
+    "squared_difference",
+    "squared_difference_backward",
 ]
 
 CONV_LAYERS: type[torch.nn.Module] = torch.nn.modules.conv._ConvNd
@@ -120,6 +126,23 @@ def order_backward(output: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
         return False
     node._set_sequence_nr(max(numbers))
     return True
+
+
+# `at::Reduction::None`, `mse_loss`'s `reduction` argument for no reduction.
+_NO_REDUCTION = 0
+
+
+def squared_difference(x: torch.Tensor, target: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`(x − target)²` elementwise in one pass (rounds as `sub` then `square`), into `out` where given (may be `x`)."""
+    if out is not None:
+        return torch._C._nn.mse_loss(x, target, _NO_REDUCTION, out=out)
+    return torch._C._nn.mse_loss(x, target, _NO_REDUCTION)
+
+
+def squared_difference_backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`2·(x − mean)·grad` elementwise in one pass into a fresh tensor (rounds as `(x − mean)·(2·grad)`; doubling is
+    exact): the gradient of `Σ (x − mean)²` with `mean` held constant. `grad` and `mean` broadcast against `x`."""
+    return torch.ops.aten.mse_loss_backward.grad_input(grad, x, mean, _NO_REDUCTION, grad_input=torch.empty_like(x))
 
 
 def prepare_inputs(trainer: Any, inputs: dict[str, Any]) -> dict[str, Any]:

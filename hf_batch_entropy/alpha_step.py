@@ -8,12 +8,12 @@ that AdamW step as if `α` were a parameter group of the model's optimizer:
   bit-identical to those of an `α` inside that optimizer (as the paper trains it);
 - once per optimizer step that `Trainer` takes, none on a step it skips (an fp16 overflow), at the factor the main
   schedule gave that step (`ScheduleFactor`);
-- after the loss scaling of fp16 training is taken out of `α`'s gradient (`unscale`), as the scaler takes it out of
-  the model's.
+- after the loss scaling of fp16 training is taken out of `α`'s gradient, as the scaler takes it out of the model's.
 
-The trainer calls `unscale` right before and `step` right after `optimizer.step()`: `Trainer`'s `on_pre_optimizer_step`
-and `on_optimizer_step` events, which `attach_alpha_step` hooks into its callback handler without adding a callback to
-the user's list.
+`AlphaStepper.before_optimizer_step` and `after_optimizer_step` run right before and right after `optimizer.step()`:
+`Trainer`'s `on_pre_optimizer_step` and `on_optimizer_step` events, which `attach_alpha_step` hooks into its callback
+handler without adding a callback to the user's list (`Trainer` has no public hook between the optimizer's step and
+the scheduler's other than a callback, and a callback would be one of the user's).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ class ScheduleFactor:
 
 
 class AlphaStepper:
-    """Steps α's optimizer once per optimizer step of the model's, at the model schedule's factor.
+    """Steps α's optimizer once per optimizer step of the model's, at the model schedule's factor: the one place that
+    decides when α steps, at which rate and with which gradient. `attach(trainer)` hooks it into a trainer's events.
 
     Attributes:
         factor: the `ScheduleFactor` (its state is saved with α's, see `BatchEntropyRegularizer.save_pretrained`).
@@ -94,6 +95,21 @@ class AlphaStepper:
 
     def __init__(self) -> None:
         self.factor = ScheduleFactor()
+
+    def attach(self, trainer: Any) -> None:
+        """Step `trainer.regularizer`'s α around each of `trainer`'s optimizer steps (`attach_alpha_step`)."""
+        attach_alpha_step(trainer, self)
+
+    @staticmethod
+    def configure_optimizer(regularizer: Any, args: Any, model_optimizer: Any) -> None:
+        """Give `regularizer`'s α its AdamW: at `args.lbe_alpha_learning_rate` (default: `learning_rate`), with the
+        arguments' Adam betas and epsilon and the model optimizer's torch implementation (`adam_implementation`)."""
+        regularizer.configure_optimizer(
+            args.lbe_alpha_learning_rate if args.lbe_alpha_learning_rate is not None else args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            **adam_implementation(model_optimizer),
+        )
 
     @staticmethod
     def unscale(grad: torch.Tensor | None, scaler: Any = None, deepspeed_engine: Any = None) -> None:
@@ -123,6 +139,18 @@ class AlphaStepper:
             return
         regularizer.step(self.factor(optimizer, scheduler))
 
+    def before_optimizer_step(self, trainer: Any) -> None:
+        """`unscale` with what `trainer` trains with (its accelerator's scaler, its DeepSpeed engine under fp16)."""
+        regularizer = trainer.regularizer
+        deepspeed_fp16 = trainer.is_deepspeed_enabled and trainer.args.fp16
+        self.unscale(regularizer.alpha.grad if regularizer is not None else None, trainer.accelerator.scaler,
+                     trainer.model_wrapped if deepspeed_fp16 else None)
+
+    def after_optimizer_step(self, trainer: Any) -> None:
+        """`step` with `trainer`'s regularizer, optimizer and scheduler, skipped where its accelerator skipped."""
+        self.step(trainer.regularizer, trainer.optimizer, trainer.lr_scheduler,
+                  skipped=trainer.accelerator.optimizer_step_was_skipped)
+
     def reset(self) -> None:
         """A new optimizer: a new schedule, whose factor starts afresh."""
         self.factor = ScheduleFactor()
@@ -134,19 +162,19 @@ class _AlphaStepEvents(CallbackHandler):
 
     def on_pre_optimizer_step(self, args, state, control):
         control = super().on_pre_optimizer_step(args, state, control)
-        self._lbe_trainer._unscale_alpha_grad()
+        self._lbe_alpha_step.before_optimizer_step(self._lbe_trainer)
         return control
 
     def on_optimizer_step(self, args, state, control):
         control = super().on_optimizer_step(args, state, control)
-        self._lbe_trainer._step_alpha()
+        self._lbe_alpha_step.after_optimizer_step(self._lbe_trainer)
         return control
 
 
-def attach_alpha_step(trainer: Any) -> None:
-    """Make `trainer`'s callback handler call `trainer._unscale_alpha_grad()` on `on_pre_optimizer_step` and
-    `trainer._step_alpha()` on `on_optimizer_step`, after the user's callbacks (`_compat`, contract (g)): the handler
-    object keeps its state and its list, and gets a subclass of its own class."""
+def attach_alpha_step(trainer: Any, stepper: AlphaStepper) -> None:
+    """Make `trainer`'s callback handler call `stepper.before_optimizer_step(trainer)` on `on_pre_optimizer_step` and
+    `stepper.after_optimizer_step(trainer)` on `on_optimizer_step`, after the user's callbacks (`_compat`, contract
+    (g)): the handler object keeps its state and its list, and gets a subclass of its own class."""
     handler = trainer.callback_handler
     handler.__class__ = type(f"LBE{type(handler).__name__}", (_AlphaStepEvents, type(handler)), {})
-    handler._lbe_trainer = trainer
+    handler._lbe_alpha_step, handler._lbe_trainer = stepper, trainer

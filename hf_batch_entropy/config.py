@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,17 +26,22 @@ from typing import Any
 from torch import nn
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from .regularizer import check_settings
-
 __all__ = [
     "BatchEntropyArguments",
     "BatchEntropyConfig",
     "BatchEntropySeq2SeqConfig",
+    "MAX_TARGET",
     "TargetModules",
     "batch_entropy_config",
+    "check_settings",
 ]
 
 REGEX_PREFIX = "re:"
+
+#: The largest entropy target (`|lbe_alpha|`, `lbe_alpha_min`), in nats per unit. A unit at 20 nats has a variance of
+#: about 1e16 (`H = ½·ln(π·e·σ² + 1)`); the paper's targets lie between 0.2 and 2.6. Far larger targets overflow the
+#: squared distance `(H − α)²` in float32 and write NaN into the weights at the first step.
+MAX_TARGET = 20.0
 
 #: What `lbe_target_modules` takes: a regex string, or a list of module names (exact or dotted suffix, or
 #: `re:<regex>`) and module classes.
@@ -64,9 +70,9 @@ class BatchEntropyArguments:
             Weight β of the term. `0` turns LBE off: losses and updates are exactly the base trainer's, and the
             entropies are still measured and logged.
         lbe_alpha (`float`, *optional*, defaults to `0.5`):
-            Initial value α₀ of every layer's learnable target α_l, in nats per unit.
+            Initial value α₀ of every layer's learnable target α_l, in nats per unit; `|α₀| ≤ 20` (`MAX_TARGET`).
         lbe_alpha_min (`float`, *optional*, defaults to `0.5`):
-            Floor of the targets: each layer is pulled towards `max(lbe_alpha_min, |α_l|)`.
+            Floor of the targets: each layer is pulled towards `max(lbe_alpha_min, |α_l|)`; `0 ≤ α_min ≤ 20`.
         lbe_alpha_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Learning rate of α's own AdamW (no weight decay); `None`: the model's `learning_rate`. Either way it is
             multiplied by the main schedule's current factor.
@@ -111,7 +117,7 @@ class BatchEntropyArguments:
     lbe_alpha: float = field(
         default=0.5,
         metadata={
-            "help": "Initial value α₀ of every layer's learnable batch-entropy target α_l (nats per unit). "
+            "help": "Initial value α₀ of every layer's learnable batch-entropy target α_l (nats per unit, |α₀| <= 20). "
             "α is trained by an AdamW of its own (no weight decay; adam_beta1/2 and adam_epsilon of these "
             "arguments), whatever optimizer trains the model."
         },
@@ -119,8 +125,8 @@ class BatchEntropyArguments:
     lbe_alpha_min: float = field(
         default=0.5,
         metadata={
-            "help": "Floor of the batch-entropy target: each layer is pulled towards max(lbe_alpha_min, |α_l|), so "
-            "no layer is allowed to lose all information about the input."
+            "help": "Floor of the batch-entropy target (0 to 20 nats): each layer is pulled towards "
+            "max(lbe_alpha_min, |α_l|), so no layer is allowed to lose all information about the input."
         },
     )
     lbe_alpha_learning_rate: float | None = field(
@@ -191,8 +197,8 @@ class BatchEntropyArguments:
     )
 
     def __post_init__(self):
+        _validate_lbe_settings(self)  # first: a bad lbe_* value fails before TrainingArguments sets up devices
         super().__post_init__()
-        _validate_lbe_settings(self)
 
     def to_dict(self):
         # Module classes are not JSON-serializable; keep their names so that logging integrations can show them.
@@ -219,6 +225,9 @@ class BatchEntropySeq2SeqConfig(BatchEntropyArguments, Seq2SeqTrainingArguments)
     """Training arguments for [`BatchEntropySeq2SeqTrainer`]: all of `Seq2SeqTrainingArguments` (generation included),
     plus the `lbe_*` settings of [`BatchEntropyArguments`]."""
 
+
+_BOOL_FIELDS = ("lbe_scale_by_task_loss", "lbe_ignore_padding", "lbe_sync_entropy", "lbe_fused", "lbe_log_per_layer",
+                "lbe_eval_entropy")
 
 _KNOWN = {TrainingArguments: BatchEntropyConfig, Seq2SeqTrainingArguments: BatchEntropySeq2SeqConfig}
 
@@ -278,15 +287,64 @@ def with_lbe_args(
     return bound.args, bound.kwargs
 
 
-def _validate_lbe_settings(args: BatchEntropyArguments) -> None:
-    """Reject `lbe_*` values that cannot work, naming the field and the fix; normalize `lbe_target_modules`.
+def check_settings(prefix: str = "", **settings: float | str | None) -> dict[str, float | None]:
+    """Validate the regularizer's numeric settings: the one place, used by `BatchEntropyConfig` (which passes
+    `prefix="lbe_"`, so that messages name its fields) and by `BatchEntropyRegularizer`.
 
-    The numeric settings are the regularizer's and are checked by its own rule (`regularizer.check_settings`), so that
-    a config that passes here builds a regularizer, and one message names each problem."""
-    check_settings(
+    Accepted keywords: `beta` (β ≥ 0; 0 turns LBE off), `alpha` (α₀, `|α₀| ≤ MAX_TARGET`), `alpha_min`
+    (`0 ≤ α_min ≤ MAX_TARGET`), `alpha_learning_rate` (α's learning rate, ≥ 0; `None` allowed and kept); each finite.
+    A string that reads as a number (`"5e-2"`, as YAML 1.1 reads that exponent form) is taken as that number. Returns
+    them as floats.
+    """
+    checked = {}
+    for name, value in settings.items():
+        if value is None and name == "alpha_learning_rate":
+            checked[name] = None
+            continue
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{prefix}{name} must be a number, got {value!r}.") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{prefix}{name} must be a finite number, got {value}.")
+        if value < 0 and name != "alpha":
+            hint = " (0 turns LBE off)" if name == "beta" else ""
+            raise ValueError(f"{prefix}{name} must be >= 0{hint}, got {value}.")
+        if name in ("alpha", "alpha_min") and abs(value) > MAX_TARGET:
+            raise ValueError(
+                f"{prefix}{name}={value} is out of range: entropy targets lie within ±{MAX_TARGET:g} nats per unit "
+                f"(a unit at {MAX_TARGET:g} nats has a variance of about 1e16; the paper's targets are 0.2 to 2.6)."
+            )
+        checked[name] = value
+    return checked
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    """A boolean setting, also from the strings a YAML or JSON file may hold (`"true"`, `"False"`, `"1"`, `"no"`)."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
+def _validate_lbe_settings(args: BatchEntropyArguments) -> None:
+    """Reject `lbe_*` values that cannot work, naming the field and the fix; convert numbers and booleans given as
+    strings (a YAML or JSON file's); normalize `lbe_target_modules`.
+
+    The numeric settings are the regularizer's and are checked by its own rule (`check_settings`), so that a config
+    that passes here builds a regularizer, and one message names each problem."""
+    checked = check_settings(
         prefix="lbe_", beta=args.lbe_beta, alpha=args.lbe_alpha, alpha_min=args.lbe_alpha_min,
         alpha_learning_rate=args.lbe_alpha_learning_rate,
     )
+    for name, value in checked.items():
+        setattr(args, f"lbe_{name}", value)
+    for name in _BOOL_FIELDS:
+        setattr(args, name, _as_bool(name, getattr(args, name)))
     targets = args.lbe_target_modules
     if isinstance(targets, str):
         _compile_regex(targets)

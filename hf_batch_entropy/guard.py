@@ -22,10 +22,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
+from transformers.utils import logging
 
 from .capture import accepts_hidden_states, default_target_modules, resolve_target_modules
 from .entropy import is_measurable
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["RegularizationGuard", "check_batch_size", "check_model", "nothing_to_measure"]
 
@@ -38,6 +42,7 @@ class RegularizationGuard:
     def __init__(self) -> None:
         self.window = dict.fromkeys(_COUNTS, 0)
         self.regularized_in_run = 0
+        self._warned_batch_of_one = False
 
     def start_run(self) -> None:
         """A `train()` call starts: nothing counted yet."""
@@ -49,6 +54,20 @@ class RegularizationGuard:
         self.window[name] += 1
         if name == "regularized":
             self.regularized_in_run += 1
+
+    def skip_batch_of_one(self, task_loss: torch.Tensor, activations: list[torch.Tensor], per_device_batch_size: int,
+                          beta: float) -> torch.Tensor:
+        """The loss of a training batch of one sequence, which has no batch-entropy: the task loss alone, counted as a
+        short last batch (`tails`) where it is smaller than the configured batch, with a warning once per trainer."""
+        if activations and activations[0].shape[0] < per_device_batch_size:
+            self.count("tails")  # fewer sequences than a full batch: an epoch's last batch
+        if not self._warned_batch_of_one and beta > 0:
+            logger.warning(
+                "A training batch holds a single example (sequence), which has no batch-entropy: it trains on the task "
+                "loss alone. (Usually the last batch of an epoch; dataloader_drop_last=True drops it.) Said once."
+            )
+            self._warned_batch_of_one = True
+        return task_loss
 
     def check(self, beta: float, trainer_name: str) -> None:
         """End the window: raise a `RuntimeError` naming the cause where `beta > 0` and the window trained but

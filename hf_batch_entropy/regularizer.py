@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import check_settings
 from .entropy import batch_entropies
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
     "LBEOutput",
     "REGULARIZER_CONFIG_NAME",
     "REGULARIZER_WEIGHTS_NAME",
-    "check_settings",
     "raise_if_nonfinite",
 ]
 
@@ -111,28 +111,6 @@ class LBEOutput:
 def _measured_only(per_layer: torch.Tensor, measured: torch.Tensor | None) -> torch.Tensor:
     """`per_layer` with the layers that were not measured set to 0 (selected: their value means nothing)."""
     return per_layer if measured is None else per_layer.masked_fill(~measured, 0)
-
-
-def check_settings(prefix: str = "", **settings: float | None) -> dict[str, float | None]:
-    """Validate the regularizer's numeric settings: the one place, used by the constructor, `configure_optimizer` and
-    `BatchEntropyConfig` (which passes `prefix="lbe_"`, so that messages name its fields).
-
-    Accepted keywords: `beta` (β ≥ 0; 0 turns LBE off), `alpha` (α₀), `alpha_min` (≥ 0), `alpha_learning_rate`
-    (α's learning rate, ≥ 0; `None` allowed and kept); each finite. Returns them as floats.
-    """
-    checked = {}
-    for name, value in settings.items():
-        if value is None and name == "alpha_learning_rate":
-            checked[name] = None
-            continue
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"{prefix}{name} must be a finite number, got {value}.")
-        if value < 0 and name != "alpha":
-            hint = " (0 turns LBE off)" if name == "beta" else ""
-            raise ValueError(f"{prefix}{name} must be >= 0{hint}, got {value}.")
-        checked[name] = value
-    return checked
 
 
 class BatchEntropyRegularizer(nn.Module):

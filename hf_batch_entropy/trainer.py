@@ -34,9 +34,7 @@ hooks) is named in `_compat`, each with a test in `tests/test_compat.py`.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -51,12 +49,13 @@ from ._compat import (
     prediction_uses_compute_loss,
     prepare_inputs,
 )
-from .alpha_step import AlphaStepper, adam_implementation, attach_alpha_step
+from .alpha_step import AlphaStepper
 from .capture import select_capture
 from .config import BatchEntropyConfig, BatchEntropySeq2SeqConfig, with_batch_entropy_fields, with_lbe_args
 from .entropy import batch_entropies, is_measurable
 from .guard import RegularizationGuard, check_batch_size, check_model, nothing_to_measure
 from .modelcard import MODEL_TAG, append_section
+from .prediction import measuring_forward
 from .regularizer import REGULARIZER_CONFIG_NAME, BatchEntropyRegularizer
 from .tally import MetricTally
 from .tokens import TokenLayout
@@ -102,11 +101,10 @@ class BatchEntropyMixin:
         self._layer_names: list[str] = []
         self._resume_from: str | None = None
         self._lbe_alpha_step = AlphaStepper()
+        self._lbe_alpha_step.attach(self)  # through Trainer's events, not as a callback of the user's list
         self._lbe_guard = RegularizationGuard()
         self._lbe_tally = MetricTally(lambda: self.state.global_step)
         self._step_lbe = None  # the LBEOutput of the micro-step in flight, from compute_loss to training_step
-        self._warned_batch_of_one = False
-        attach_alpha_step(self)  # through Trainer's events, but not as a callback of the user's list
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags([MODEL_TAG])
 
@@ -222,25 +220,11 @@ class BatchEntropyMixin:
         regularizer = BatchEntropyRegularizer.from_config(
             args, len(self._layer_names), layer_names=self._layer_names, check_finite=False
         ).to(args.device)
-        regularizer.configure_optimizer(
-            args.lbe_alpha_learning_rate if args.lbe_alpha_learning_rate is not None else args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            **adam_implementation(self.optimizer),
-        )
+        self._lbe_alpha_step.configure_optimizer(regularizer, args, self.optimizer)
         self.regularizer = regularizer
         if self._resume_from is not None:
             self._load_regularizer(self._resume_from)
         return regularizer
-
-    def _unscale_alpha_grad(self) -> None:
-        deepspeed_fp16 = self.is_deepspeed_enabled and self.args.fp16
-        self._lbe_alpha_step.unscale(self.regularizer.alpha.grad if self.regularizer is not None else None,
-                                 self.accelerator.scaler, self.model_wrapped if deepspeed_fp16 else None)
-
-    def _step_alpha(self) -> None:
-        self._lbe_alpha_step.step(self.regularizer, self.optimizer, self.lr_scheduler,
-                              skipped=self.accelerator.optimizer_step_was_skipped)
 
     # --- loss --------------------------------------------------------------------------------------------------------
 
@@ -271,7 +255,8 @@ class BatchEntropyMixin:
             loss = loss.mean()  # nn.DataParallel: one loss per replica, averaged as Trainer's training_step does
         measurable = bool(activations) and is_measurable(activations[0].shape[0], self.args.lbe_sync_entropy)
         if training:
-            loss = self._regularize(activations, loss, masks) if measurable else self._skip_batch_of_one(loss, activations)
+            loss = self._regularize(activations, loss, masks) if measurable else self._lbe_guard.skip_batch_of_one(
+                loss, activations, self.args.per_device_train_batch_size, self.args.lbe_beta)
         elif measurable:  # a batch of one example (the last of an evaluation set) has no batch-entropy
             self._measure_eval(activations, masks)
         return (loss, outputs) if return_outputs else loss
@@ -291,17 +276,6 @@ class BatchEntropyMixin:
         self._lbe_guard.count("regularized")
         self._lbe_tally.add_pass("train", lbe.entropies, lbe.measured, lbe_alpha_mean=lbe.targets.mean())
         return lbe.loss
-
-    def _skip_batch_of_one(self, task_loss: torch.Tensor, activations: list[torch.Tensor]) -> torch.Tensor:
-        if activations and activations[0].shape[0] < self.args.per_device_train_batch_size:
-            self._lbe_guard.count("tails")  # fewer sequences than a full batch: an epoch's last batch
-        if not self._warned_batch_of_one and self.args.lbe_beta > 0:
-            logger.warning(
-                "A training batch holds a single example (sequence), which has no batch-entropy: it trains on the task "
-                "loss alone. (Usually the last batch of an epoch; dataloader_drop_last=True drops it.) Said once."
-            )
-            self._warned_batch_of_one = True
-        return task_loss
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         self._lbe_guard.count("micro_batches")
@@ -335,48 +309,17 @@ class BatchEntropyMixin:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         # After generation, the loss forward is the one given the labels (generate never passes any).
         measured = (lambda kwargs: kwargs.get("labels") is not None) if after_generation else None
-        with self._measuring_forward(model, inputs, measured):
+        capture = self._capture
+        with measuring_forward(model, capture, lambda out: self._measure_prediction_output(capture, out, inputs),
+                               measured):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
-    @contextlib.contextmanager
-    def _measuring_forward(
-        self, model: torch.nn.Module, inputs: dict[str, Any], measured: Callable[[dict[str, Any]], bool] | None = None
-    ) -> Iterator[None]:
-        """Around the first forward of `model` in this block whose keywords satisfy `measured` (any, by default): ask
-        it for the captured activations, measure them (`eval` tally) and hand the caller the outputs without them.
-        The capture records inside that forward only (its block opens when the forward starts, before the capture's
-        own hooks run, and closes when it ends), so other forwards of the block (generation's) are not seen."""
-        capture, state = self._capture, {"open": None, "done": False}
-
-        def before(module, args, kwargs):
-            if state["done"] or state["open"] is not None or (measured is not None and not measured(kwargs)):
-                return None
-            stack = contextlib.ExitStack()
-            stack.enter_context(capture.capturing())
-            state["open"] = stack
-            return args, capture.prepare_inputs(kwargs)
-
-        def after(module, args, kwargs, output):
-            stack = state["open"]
-            if stack is None:
-                return output
-            state["open"], state["done"] = None, True
-            stack.close()
-            activations, masks = self._collect(output, inputs)
-            if activations and is_measurable(activations[0].shape[0], self.args.lbe_sync_entropy):
-                self._measure_eval(activations, masks)
-            return capture.restore(output, keep_hidden_states=bool(inputs.get("output_hidden_states")))
-
-        # `before` first, so that the capture's own hooks on the model see its block open.
-        handles = [model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
-                   model.register_forward_hook(after, with_kwargs=True)]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            if state["open"] is not None:  # the forward raised
-                state["open"].close()
+    def _measure_prediction_output(self, capture: Any, output: Any, inputs: dict[str, Any]) -> Any:
+        """Measure the activations of a prediction forward (`eval` tally) and return its outputs without them."""
+        activations, masks = self._collect(output, inputs)  # (drops `self._capture` where β = 0 finds nothing)
+        if activations and is_measurable(activations[0].shape[0], self.args.lbe_sync_entropy):
+            self._measure_eval(activations, masks)
+        return capture.restore(output, keep_hidden_states=bool(inputs.get("output_hidden_states")))
 
     # --- metrics -----------------------------------------------------------------------------------------------------
 

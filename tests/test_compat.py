@@ -297,6 +297,21 @@ def test_conv_layers_is_the_base_of_every_convolution():
     assert not isinstance(torch.nn.Linear(1, 1), _compat.CONV_LAYERS)
 
 
+def test_squared_difference_and_its_backward_round_as_the_operators_they_replace():
+    """ATen's `mse_loss` without reduction (into `out`, in place too) is `(x − μ)²` as `sub` then `square` round it,
+    and its backward op is `(x − μ)·(2·g)`, bit for bit; the estimator's values and gradients rest on both."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 33, generator=g) * 5 + 2
+    mean = x.mean(dim=1, keepdim=True)
+    expected = (x - mean).square()
+    assert torch.equal(_compat.squared_difference(x, mean.expand_as(x)), expected)
+    inplace = x.clone()
+    assert torch.equal(_compat.squared_difference(inplace, mean.expand_as(x), out=inplace), expected)
+    assert torch.equal(inplace, expected)
+    layer, grad = x[0], torch.randn(1, 33, generator=g)
+    assert torch.equal(_compat.squared_difference_backward(grad, layer, mean[0]), (layer - mean[0]) * (2 * grad))
+
+
 def test_trainer_writes_its_model_card_where_model_card_path_says(tmp_path):
     from conftest import tiny_bert
 

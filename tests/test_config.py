@@ -6,9 +6,11 @@ import dataclasses
 import inspect
 import re
 
+import pytest
 from transformers import HfArgumentParser
 
 from hf_batch_entropy import BatchEntropyArguments, BatchEntropyConfig
+from hf_batch_entropy.config import MAX_TARGET
 
 
 def test_parameters_block_documents_every_field_with_its_default():
@@ -60,3 +62,23 @@ def test_with_lbe_args_upgrades_args_wherever_the_base_constructor_takes_them(tm
     assert with_lbe_args(trainer_init, ("model",), {}, None) == (("model",), {})  # the base trainer's default, later
     assert with_lbe_args(no_args_init, ("model", plain), {}, None) == (("model", plain), {})
     assert with_lbe_args(trainer_init, (1, 2, 3, 4), {}, None) == ((1, 2, 3, 4), {})  # does not bind: left to the base
+
+
+def test_settings_from_a_file_are_converted_or_rejected_naming_the_field(tmp_path):
+    """Values as YAML or JSON give them: `5e-2` reads as a string in YAML 1.1, booleans may be strings."""
+    args = BatchEntropyConfig(output_dir=str(tmp_path), report_to="none", lbe_beta="5e-2", lbe_alpha="0.3",
+                              lbe_alpha_min="0.2", lbe_alpha_learning_rate="1e-3", lbe_fused="false")
+    assert (args.lbe_beta, args.lbe_alpha, args.lbe_alpha_min, args.lbe_alpha_learning_rate) == (0.05, 0.3, 0.2, 1e-3)
+    assert all(isinstance(v, float) for v in (args.lbe_beta, args.lbe_alpha, args.lbe_alpha_min))
+    assert args.lbe_fused is False
+    with pytest.raises(ValueError, match="lbe_beta must be a number, got 'strong'"):
+        BatchEntropyConfig(output_dir=str(tmp_path), report_to="none", lbe_beta="strong")
+    with pytest.raises(ValueError, match="lbe_sync_entropy must be true or false"):
+        BatchEntropyConfig(output_dir=str(tmp_path), report_to="none", lbe_sync_entropy="sometimes")
+
+
+@pytest.mark.parametrize("field,value", [("lbe_alpha", 1e20), ("lbe_alpha", -21.0), ("lbe_alpha_min", 20.5)])
+def test_targets_out_of_their_documented_range_are_rejected(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"{field}=.* is out of range: entropy targets lie within"):
+        BatchEntropyConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
+    BatchEntropyConfig(output_dir=str(tmp_path), report_to="none", **{field: MAX_TARGET if value > 0 else -MAX_TARGET})

@@ -185,7 +185,7 @@ def test_masked_sync_path_matches_the_local_one(monkeypatch):
     the local result (per-position counts travel with the sums)."""
     import torch.distributed as dist
 
-    import hf_batch_entropy.entropy as entropy
+    import hf_batch_entropy.entropy.reference as entropy
 
     x, mask = _ragged()
     layers = [x.clone().requires_grad_(), (x * 0.3).requires_grad_()]
@@ -247,7 +247,7 @@ def test_a_layer_without_two_real_tokens_at_any_position_is_not_measured_and_nev
 
 def test_the_measurable_rule_is_one_function(monkeypatch):
     """`is_measurable` decides for the estimator (and the trainer): 2 examples, or any number where pooled."""
-    import hf_batch_entropy.entropy as entropy
+    import hf_batch_entropy.entropy.reference as entropy
 
     assert entropy.is_measurable(2, sync=False) and not entropy.is_measurable(1, sync=True)
     with pytest.raises(ValueError, match="at least 2 examples"):

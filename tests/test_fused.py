@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hf_batch_entropy.entropy as entropy_module
+import hf_batch_entropy.entropy.fused as entropy_module
+from hf_batch_entropy.entropy.reference import PI_E
 from conftest import TinyMLP, make_args, tiny_bert, token_dataset, vector_dataset
 from hf_batch_entropy import BatchEntropyTrainer, batch_entropies
 
@@ -95,10 +96,10 @@ def test_chunks_are_bounded(monkeypatch):
     monkeypatch.setattr(entropy_module, "_MAX_CHUNK_NUMEL", 3 * 8 * 16)
     monkeypatch.setattr(entropy_module, "_CPU_CHUNK_NUMEL", 1 << 30)
     units = [x.reshape(8, -1) for x in _layers([(8, 16)] * 7 + [(8, 12)] * 2, requires_grad=False)]
-    assert entropy_module._chunks(units) == [[[0, 1, 2], [3, 4, 5], [6]], [[7, 8]]]
+    assert entropy_module.chunk_layers(units) == [[[0, 1, 2], [3, 4, 5], [6]], [[7, 8]]]
     # On CPUs the smaller of the two limits applies.
     monkeypatch.setattr(entropy_module, "_CPU_CHUNK_NUMEL", 2 * 8 * 16)
-    assert entropy_module._chunks(units)[0] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert entropy_module.chunk_layers(units)[0] == [[0, 1], [2, 3], [4, 5], [6]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -151,7 +152,7 @@ def test_values_and_gradients_are_the_two_pass_formula_bit_for_bit(backward_mode
         stacked = leaf.unsqueeze(0)
         mean = stacked.detach().mean(dim=1, keepdim=True)
         squares = (stacked - mean).square().sum(dim=1)
-        entropy = (0.5 * torch.log1p(entropy_module.PI_E * (squares / (x.shape[0] - 1)))).mean(dim=1)
+        entropy = (0.5 * torch.log1p(PI_E * (squares / (x.shape[0] - 1)))).mean(dim=1)
         assert torch.equal(got[i : i + 1].detach(), entropy.detach()), f"layer {i}"
         g = torch.autograd.grad((entropy * weights[i]).sum(), squares)[0]
         assert torch.equal(x.grad, ((x.detach() - mean[0]) * (2.0 * g))), f"gradient of layer {i}"
@@ -337,3 +338,25 @@ def test_gradient_of_a_2d_layer_is_added_in_place_to_the_model_gradient():
     assert counts.get("aten::add", 0) <= 2, counts.get("aten::add")
     assert counts.get("aten::add_", 0) >= len(hidden) - 1  # the additions happen, in place
     assert all(w.grad is not None for w in weights)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_twice_differentiable_as_the_reference(masked):
+    """`backward(create_graph=True)` through the fused path (a gradient penalty) gives the reference loop's
+    second-order gradients: the gradient it returns has a graph of its own, not a constant."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 6, requires_grad=True)
+    inputs = torch.randn(5, 3, 6)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]]) if masked else None
+
+    def penalty(fused: bool) -> torch.Tensor:
+        hidden = torch.tanh(inputs @ weight)
+        layers = [hidden, torch.tanh(hidden @ weight)]
+        entropies = batch_entropies(layers, fused=fused, masks=[mask, mask] if masked else None)
+        (grad,) = torch.autograd.grad(entropies.sum(), weight, create_graph=True)
+        return grad.square().sum()
+
+    (expected,) = torch.autograd.grad(penalty(fused=False), weight)
+    (got,) = torch.autograd.grad(penalty(fused=True), weight)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert got.abs().sum() > 0

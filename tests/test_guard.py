@@ -20,6 +20,16 @@ def test_a_window_with_a_regularized_step_passes_and_the_next_starts_empty():
     guard.check(0.5, "T")  # an empty window (no training step since) is not an error
 
 
+def test_each_check_ends_its_window():
+    """A regularized window does not carry over: the next window, with no regularized step, is an error."""
+    guard = RegularizationGuard()
+    window(guard, ["ours", "regularized"])
+    guard.check(0.5, "T")
+    window(guard, ["ours"], ["ours"])
+    with pytest.raises(RuntimeError, match="regularized none of the 2 training batch"):
+        guard.check(0.5, "T")
+
+
 def test_beta_zero_is_never_an_error():
     guard = RegularizationGuard()
     window(guard, [], [])
@@ -68,7 +78,7 @@ def test_a_window_of_short_last_batches_alone_passes_even_in_a_new_run():
 
 
 def test_a_batch_of_one_is_an_error_unless_pooled_or_packed(monkeypatch):
-    import hf_batch_entropy.entropy as entropy
+    import hf_batch_entropy.entropy.reference as entropy
     from hf_batch_entropy.guard import check_batch_size
 
     with pytest.raises(ValueError, match="at least 2 examples.*per_device_train_batch_size is 1"):

@@ -762,7 +762,7 @@ def test_unlabelled_predict_and_evaluate_report_entropies(tmp_path):
 def test_trainer_uses_the_estimators_pooling_rule(tmp_path, monkeypatch):
     """Whether a batch of one can be measured is the estimator's `is_measurable`, not the trainer's own view of the
     processes: pooled (a distributed group with lbe_sync_entropy), one example per process is accepted."""
-    import hf_batch_entropy.entropy as entropy
+    import hf_batch_entropy.entropy.reference as entropy
 
     args = make_args(tmp_path, per_device_train_batch_size=1, lbe_sync_entropy=True)
     trainer = BatchEntropyTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset())

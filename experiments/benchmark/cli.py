@@ -20,10 +20,11 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer, cpu_kernel
+from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
 from experiments.provenance import cpu_model, provenance
 from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
 
+from . import compiled_estimator
 from .cases import ALL_CASES, CPU_CASES, CUDA_CASES, Case, TensorDictDataset, get_case
 from .measure import CLOCKS, CpuPeakMemory, StepTimer, cuda_peak_memory
 
@@ -33,7 +34,10 @@ VARIANTS = {
     "lbe_unfused": "BatchEntropyTrainer (lbe_fused=False)",
     "lbe_sync": "BatchEntropyTrainer (lbe_sync_entropy=True)",
     "lbe_all_positions": "BatchEntropyTrainer (lbe_ignore_padding=False)",
+    "lbe_compiled": "BatchEntropyTrainer, estimator compiled with torch.compile (compiled_estimator.py)",
 }
+# Per `lbe_compiled` turn: the seconds its first calls took (compile included), recorded in the JSON.
+COMPILE_RECORD: list[dict[str, float]] = []
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -74,7 +78,12 @@ def run_turn(case: Case, variant: str, master: torch.nn.Module, data: TensorDict
         )
         trainer = BatchEntropyTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # no log lines between the turns
-    trainer.train()
+    restore = compiled_estimator.install() if variant == "lbe_compiled" else None
+    try:
+        trainer.train()
+    finally:
+        if restore is not None:
+            COMPILE_RECORD.append(restore())
     del trainer, model
     gc.collect()
     if cuda:
@@ -322,8 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"ratio = BatchEntropyTrainer / Trainer",
     )
     meta["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    # Known only once the estimator has run (the kernel is built at its first chunk): what its CPU chunks ran on.
-    meta["machine"]["estimator_cpu_kernel"] = cpu_kernel.status()
+    if COMPILE_RECORD:
+        meta["lbe_compiled_turns"] = COMPILE_RECORD
     out = {"meta": meta, "results": results, "table": table, "complete": True}
     if _write(opts.output, out):
         log(f"wrote {opts.output}")

@@ -56,10 +56,11 @@ def _passes(hidden: list, clock, reps: int) -> dict:
     that gradient with the model's own (one `add_` per layer)."""
     import torch
 
-    from hf_batch_entropy import entropy
+    from hf_batch_entropy._compat import squared_difference, squared_difference_backward
+    from hf_batch_entropy.entropy import fused
 
     batch, units = hidden[0].shape
-    per_chunk = max(1, entropy._chunk_numel(hidden[0].device) // hidden[0].numel())
+    per_chunk = max(1, fused._chunk_numel(hidden[0].device) // hidden[0].numel())
     chunks = [hidden[i : i + per_chunk] for i in range(0, len(hidden), per_chunk)]
     scratch = torch.empty(per_chunk * batch * units)
     sweep = torch.empty(64 << 20)
@@ -75,11 +76,11 @@ def _passes(hidden: list, clock, reps: int) -> dict:
     def reductions():  # the estimator's own steps, so that this tracks them
         for chunk in chunks:
             stacked = scratch[: len(chunk) * batch * units].view(len(chunk), batch, units)
-            entropy._squared_difference(stacked, entropy._batch_mean(stacked, None), in_place=True).sum(dim=1)
+            squared_difference(stacked, fused._batch_mean(stacked, None).expand_as(stacked), out=stacked).sum(dim=1)
 
     def gradient():
         for x, mean, coef in zip(hidden, means, coefs):
-            entropy._MSE_BACKWARD(coef, x, mean, 0, grad_input=torch.empty_like(x))
+            squared_difference_backward(coef, x, mean)
 
     def accumulate():
         for g, o in zip(model_grads, ours):
@@ -290,10 +291,7 @@ def main() -> None:
         print(f"  {row['extra_self_cpu_ms_per_step']:8.2f} ms  {row['extra_calls_per_step']:8.1f} calls  {row['op']}")
     from experiments.provenance import portable_path
 
-    from hf_batch_entropy import cpu_kernel
-
     settings = {**vars(args), "out": args.out and portable_path(args.out)}  # no local absolute path in the record
-    record["machine"]["estimator_cpu_kernel"] = cpu_kernel.status()  # known once the estimator has run
     output = {"provenance": record, "note": args.note, "settings": settings,
               "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None, **results}
     if args.out:

@@ -32,7 +32,7 @@ __all__ = ["ENV_VAR", "handles", "squared_deviations", "squared_deviations_backw
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "HF_BATCH_ENTROPY_CPU_KERNEL"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "squared_deviations.cpp")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "squared_deviations.cpp")
 
 # ATen's x86 CPU kernel sets whose float vectors have 8 lanes. Its sum over the batch adds the columns 4 vectors at a
 # time with one order (a cascade) and the leftover columns with another (see the C++ source); rows narrower than one
