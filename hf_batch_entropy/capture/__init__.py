@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import CONV_LAYERS
-from .config import REGEX_PREFIX, TargetModules
+from .._compat import CONV_LAYERS
+from ..config import REGEX_PREFIX, TargetModules
 
 logger = logging.getLogger(__name__)
 
