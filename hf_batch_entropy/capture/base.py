@@ -15,10 +15,11 @@ if TYPE_CHECKING:
     from .watch import _ForwardWatch
 
 
-def forward_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
-    """The parameters of `module.forward` by name; empty where it cannot be introspected (a builtin)."""
+def forward_parameters(module: nn.Module, follow_wrapped: bool = True) -> dict[str, inspect.Parameter]:
+    """The parameters of `module.forward` by name (of the function a decorator wraps, unless `follow_wrapped=False`);
+    empty where it cannot be introspected (a builtin)."""
     try:
-        return dict(inspect.signature(module.forward).parameters)
+        return dict(inspect.signature(module.forward, follow_wrapped=follow_wrapped).parameters)
     except (TypeError, ValueError):
         return {}
 

@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 
 HIDDEN_STATE_KEYS = ("hidden_states", "encoder_hidden_states", "decoder_hidden_states")
 
+# The keywords `HiddenStatesCapture` adds to a forward to ask it for its hidden states, by name.
+ASKING_KEYWORDS = ("output_hidden_states", "return_dict")
+
 
 def accepts_hidden_states(model: nn.Module) -> bool:
     """Whether `model` is a Transformers model whose `forward` takes `output_hidden_states` (by name or `**kwargs`).

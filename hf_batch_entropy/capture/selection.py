@@ -4,6 +4,7 @@ takes a forward, `CaptureSelection`."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -11,16 +12,49 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Capture
-from .hidden_states import HiddenStatesCapture, accepts_hidden_states
+from .base import Capture, Hooked, forward_parameters
+from .hidden_states import ASKING_KEYWORDS, HiddenStatesCapture, accepts_hidden_states
 from .hooks import ForwardHookCapture
 from .targets import default_target_modules, is_activation_module, resolve_target_modules
 
 logger = logging.getLogger(__name__)
 
 
+class _KeywordsNotTaken(Hooked):
+    """While `active`: drop `output_hidden_states` and `return_dict` from the calls of the submodules whose `forward`
+    takes them neither by name nor through `**kwargs`.
+
+    A model whose `forward(x, **kwargs)` hands its keywords on to such a module (a plain backbone) would raise a
+    TypeError only because the capture asked it for its hidden states, where `Trainer` trains it. With them dropped
+    the forward runs as it would without LBE and (unless a part of it returns hidden states) the hooks are chosen.
+    `rejected` names the first module whose call lost them.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.active = False
+        self.rejected: str | None = None
+        for name, module in model.named_modules():
+            # What the call itself takes: a decorator may take a keyword that the function it wraps does not.
+            params = forward_parameters(module, follow_wrapped=False)
+            if not name or not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                continue  # the model itself (it takes them), an unintrospectable forward, one that takes **kwargs
+            not_taken = tuple(key for key in ASKING_KEYWORDS if key not in params)
+            if not_taken:
+                self._handles.append(module.register_forward_pre_hook(self._drop(name, not_taken), with_kwargs=True))
+
+    def _drop(self, name: str, not_taken: tuple[str, ...]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+            if not self.active or not any(key in kwargs for key in not_taken):
+                return None
+            self.rejected = self.rejected or f"{name} ({type(module).__name__})"
+            return args, {k: v for k, v in kwargs.items() if k not in not_taken}
+
+        return hook
+
+
 def _names_asking_keyword(err: TypeError) -> bool:
-    return "output_hidden_states" in str(err) or "return_dict" in str(err)
+    return any(key in str(err) for key in ASKING_KEYWORDS)
 
 
 class CaptureSelection(Capture):
@@ -29,7 +63,9 @@ class CaptureSelection(Capture):
     For a Transformers model whose `forward` takes `output_hidden_states`, whether it returns any is known only from a
     forward: both captures record that first forward (the hooks keep references, no copies), `collect` keeps the
     hidden states where there are any, else the hooks' activations, and removes the other capture. From then on it is
-    the chosen capture (`chosen`). No forward of its own: the first one the caller runs decides.
+    the chosen capture (`chosen`). No forward of its own: the first one the caller runs decides. A forward that hands
+    `output_hidden_states` on to a module that does not take it runs without it (`_KeywordsNotTaken`) and so chooses
+    the hooks; one that hands it on to a function raises a TypeError that says to set `lbe_target_modules`.
     """
 
     def __init__(self, model: nn.Module):
@@ -39,7 +75,8 @@ class CaptureSelection(Capture):
         self._defaults = default_target_modules(model)
         if self._defaults:
             self._candidates.append(ForwardHookCapture(self._defaults, model))
-        self._parts += self._candidates
+        self._not_taken = _KeywordsNotTaken(model)
+        self._parts += [*self._candidates, self._not_taken]
         self.chosen: Capture | None = None
 
     @property
@@ -71,7 +108,19 @@ class CaptureSelection(Capture):
         with contextlib.ExitStack() as stack:
             for capture in self._candidates:  # once chosen, the chosen one alone
                 stack.enter_context(capture.capturing())
-            yield
+            self._not_taken.active = self.chosen is None
+            try:
+                yield
+            except TypeError as err:
+                if self.chosen is not None or not _names_asking_keyword(err):
+                    raise
+                raise TypeError(
+                    f"{self._model_name}'s forward hands output_hidden_states (which LBE asks for) on to a call that "
+                    f"does not take it: {err}. Pass lbe_target_modules=[...] naming the layers to regularize (they are "
+                    "then recorded by forward hooks, and the model is not asked for its hidden states)."
+                ) from err
+            finally:
+                self._not_taken.active = False
 
     def collect(self, outputs: Any = None) -> tuple[list[torch.Tensor], list[str]]:
         if self.chosen is not None:
@@ -92,7 +141,15 @@ class CaptureSelection(Capture):
                 "Linear or Conv module to hook: there is nothing to regularize. Pass lbe_target_modules=[...] naming "
                 "the layers to regularize."
             )
+        rejected = self._not_taken.rejected
         self._choose(1)
+        if rejected is not None:
+            logger.info(
+                f"{self._model_name} hands output_hidden_states on to {rejected}, which does not take it: regularizing "
+                f"the outputs of its {_kind(self._defaults)} instead ({_describe(hooks[1])}; set lbe_target_modules "
+                "to choose)."
+            )
+            return hooks
         logger.warning(
             f"{self._model_name} returned no hidden_states with output_hidden_states=True; regularizing the outputs "
             "of its activation modules instead (set lbe_target_modules to choose)."
