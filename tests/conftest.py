@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from transformers import BertConfig, BertForSequenceClassification, PretrainedConfig, PreTrainedModel, TrainingArguments
 
 from hf_batch_entropy import BatchEntropyConfig
 
@@ -98,6 +98,22 @@ class TinyMLP(nn.Module):
         logits = self.head(h)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return {"loss": loss, "logits": logits}
+
+
+class KwargsToBackbone(PreTrainedModel):
+    """A Transformers model whose `forward` takes `**kwargs` (so, by its signature, `output_hidden_states`) and hands
+    them on to a plain backbone that takes none: only a forward can tell that it cannot be asked for hidden states."""
+
+    config_class = PretrainedConfig
+    accepts_loss_kwargs = False  # so that Trainer hands it no num_items_in_batch
+
+    def __init__(self, config: PretrainedConfig | None = None):
+        super().__init__(config or PretrainedConfig())
+        torch.manual_seed(0)
+        self.backbone = TinyMLP()  # forward(x, labels=None)
+
+    def forward(self, x, labels=None, **kwargs):
+        return self.backbone(x, labels=labels, **kwargs)
 
 
 def vector_dataset(n: int = 64, in_features: int = 8, num_labels: int = 3, seed: int = 0) -> DictDataset:

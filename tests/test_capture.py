@@ -6,7 +6,7 @@ from torch import nn
 
 from transformers import BertForSequenceClassification, BertModel
 
-from conftest import TinyMLP, tiny_bert, tiny_bert_config
+from conftest import KwargsToBackbone, TinyMLP, tiny_bert, tiny_bert_config
 from hf_batch_entropy.capture import (
     ForwardHookCapture,
     HiddenStatesCapture,
@@ -150,6 +150,40 @@ def test_select_capture_falls_back_to_hooks_for_a_forward_without_output_hidden_
     assert not accepts_hidden_states(model)
     capture, acts, names = select_capture(model, None, _probe_with(model, {"input_ids": torch.randint(4, 64, (3, 7))}))
     assert capture.source == "forward_hooks" and names and all("act" in n for n in names)
+    capture.remove()
+
+
+def test_a_forward_handing_output_hidden_states_to_a_module_without_it_falls_back_to_hooks(caplog):
+    """The keyword is dropped from that module's call (the forward runs as without LBE), no hidden states come back,
+    and the default modules' outputs are the activations, said in one INFO line."""
+    model = KwargsToBackbone()
+    x = torch.randn(4, 8)
+    capture = select_capture(model, None)
+    with caplog.at_level("INFO", logger="hf_batch_entropy"):
+        with capture.capturing():
+            outputs = model(**capture.prepare_inputs({"x": x}))
+        acts, layers = capture.collect(outputs)
+    assert capture.source == "forward_hooks" and layers == names(default_target_modules(model))
+    torch.testing.assert_close(outputs["logits"], model(x)["logits"], rtol=0, atol=0)
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "output_hidden_states" in caplog.records[0].getMessage()
+    capture.remove()
+
+
+class KwargsToFunction(KwargsToBackbone):
+    def forward(self, x, labels=None, **kwargs):
+        return {"logits": torch.nn.functional.softmax(self.backbone(x)["logits"], dim=-1, **kwargs)}
+
+
+def test_a_forward_handing_output_hidden_states_to_a_function_names_the_fix():
+    """A call without a module to drop the keyword from: an error that says to set `lbe_target_modules`; a probe (the
+    diagnosis) takes the hooks and runs its forward again."""
+    model, batch = KwargsToFunction(), {"x": torch.randn(4, 8)}
+    capture = select_capture(model, None)
+    with pytest.raises(TypeError, match="Pass lbe_target_modules"), capture.capturing():
+        model(**capture.prepare_inputs(batch))
+    capture.remove()
+    capture, acts, layers = select_capture(model, None, _probe_with(model, batch))
+    assert capture.source == "forward_hooks" and layers == names(default_target_modules(model))
     capture.remove()
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback
 
-from conftest import DictDataset, TinyMLP, make_args, tiny_bert, token_dataset, vector_dataset
+from conftest import DictDataset, KwargsToBackbone, TinyMLP, make_args, tiny_bert, token_dataset, vector_dataset
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyRegularizer, BatchEntropyTrainer
 from hf_batch_entropy.regularizer import REGULARIZER_CONFIG_NAME, REGULARIZER_WEIGHTS_NAME
 
@@ -455,6 +455,24 @@ def test_model_without_output_hidden_states_falls_back_to_hooks(tmp_path):
     assert trainer._capture.source == "forward_hooks"
     hooked = [f"bert.encoder.layer.{i}.intermediate.intermediate_act_fn" for i in range(2)] + ["bert.pooler.activation"]
     assert trainer.regularizer.layer_names == hooked  # the activation modules, the default for hooks
+
+
+def test_model_handing_kwargs_to_a_backbone_without_output_hidden_states_falls_back_to_hooks(tmp_path, caplog):
+    """Its forward takes `**kwargs` (so, by signature, `output_hidden_states`) and hands them to a backbone that takes
+    none, which would raise a TypeError: the capture drops the keyword from the backbone's call and takes the hooks,
+    said in one INFO line. At β = 0 it trains exactly as `Trainer` does."""
+    ds = vector_dataset()
+    plain = Trainer(model=KwargsToBackbone(), args=make_args(tmp_path / "plain", plain=True), train_dataset=ds)
+    plain.train()
+    ours = BatchEntropyTrainer(model=KwargsToBackbone(), args=make_args(tmp_path / "ours", lbe_beta=0.0), train_dataset=ds)
+    with caplog.at_level("INFO", logger="hf_batch_entropy"):
+        ours.train()
+    assert losses(ours) == losses(plain)
+    assert_same_params(params(ours.model), params(plain.model), rtol=0, atol=0)
+    assert ours._capture.source == "forward_hooks"
+    assert ours._layer_names == [f"backbone.blocks.{i}.1" for i in range(3)]  # its activation modules
+    said = [r for r in caplog.records if r.name.startswith("hf_batch_entropy.capture")]
+    assert [r.levelname for r in said] == ["INFO"] and "output_hidden_states" in said[0].getMessage()
 
 
 def test_tuple_returning_model_is_regularized_on_its_hidden_states(tmp_path, caplog):
