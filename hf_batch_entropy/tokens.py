@@ -22,7 +22,7 @@ Which mask an activation takes is decided by what produced it, never because sha
 activations of an encoder-decoder model (`config.is_encoder_decoder`; `decoder_hidden_states.*`, or hooked modules
 inside the module `get_decoder()` returns) take `decoder_attention_mask`, or else `labels != -100` (the decoder inputs
 are the labels shifted right); a hooked activation takes the `attention_mask` of the tower of the model whose call
-produced it (`capture._Towers`: the `(B·C, T)` mask a multiple-choice model hands its encoder; none for CLIP's vision
+produced it (`capture.towers._Towers`: the `(B·C, T)` mask a multiple-choice model hands its encoder; none for CLIP's vision
 tower, whatever the text's mask); hidden states take that of the backbone that returned them; every other activation
 takes the batch's `attention_mask`. A multiple-choice mask `(B, C, T)` is `B·C` sequences.
 
@@ -179,7 +179,7 @@ class TokenLayout:
             ignore_padding: leave the padding of padded batches out (`lbe_ignore_padding`); packed batches are always
                 unpacked and masked.
             sources: optional, per activation, the keyword inputs of the part of the model that produced it (a
-                tower: `capture._Towers`), read instead of `inputs` for its mask; `None` (for all, or for one): `inputs`.
+                tower: `capture.towers._Towers`), read instead of `inputs` for its mask; `None` (for all, or for one): `inputs`.
                 An encoder-decoder's decoder activations always take the decoder's mask from `inputs`.
 
         Returns:
