@@ -1,5 +1,5 @@
 """The benchmark (`scripts/benchmark.py`, `experiments.benchmark`) runs and records what it measured. Its figures
-are not checked here: speed claims live in docs/benchmarks.md with the commands that made them."""
+are not checked here: speed claims live in experiments/benchmark/benchmarks.md with the commands that made them."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def _can_compile_cpp_extensions() -> bool:
 @pytest.mark.skipif(not _can_compile_cpp_extensions(), reason="the probe compiles C++: needs a compiler and ninja")
 @pytest.mark.parametrize("in_place", [False, True])
 def test_fused_cpu_probe_gives_the_estimators_values_and_gradients(in_place):
-    """The probe whose figures docs/benchmarks.md quotes computes what the package does (to float32 rounding), on a
+    """The probe whose figures experiments/benchmark/benchmarks.md quotes computes what the package does (to float32 rounding), on a
     chain of layers as in a model, so that what it times is the estimator's work."""
     import torch
 
