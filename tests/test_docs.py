@@ -35,6 +35,16 @@ def test_every_public_name_has_an_api_page_in_the_navigation():
         assert f"hf_batch_entropy.{name}" in read(f"docs/api/{name}.md") or name == "diagnose"
 
 
+def test_settings_page_lists_every_lbe_field():
+    import dataclasses
+
+    from hf_batch_entropy import BatchEntropyArguments
+
+    fields = {f.name for f in dataclasses.fields(BatchEntropyArguments) if f.name.startswith("lbe_")}
+    listed = set(re.findall(r"^\| `(lbe_\w+)` \|", read("docs/settings.md"), flags=re.M))
+    assert listed == fields
+
+
 def test_pages_show_the_examples_themselves():
     """The pages include the example files (pymdownx.snippets), so what they show is what the tests run."""
     assert '--8<-- "examples/quickstart.py"' in read("docs/install.md")
