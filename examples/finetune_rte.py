@@ -5,7 +5,7 @@
     python examples/finetune_rte.py --model bert-base-uncased      # any Hub model name or local folder
 
 RTE is hard for a 6-layer model: 60 steps (a third of an epoch) show the mechanics, not a result, and can end below
-the majority class (the script prints both). Full runs with seeds are `scripts/run_glue.py` (see docs/results.md).
+the majority class (the script prints both). Full runs with seeds are `scripts/run_glue.py` (see experiments/glue/results.md).
 """
 
 import argparse

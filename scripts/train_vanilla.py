@@ -42,7 +42,7 @@ README gives the measured time. Examples:
 
 A preset is a list of flags (`PRESETS` in experiments/frontier/arguments.py) put in front of the command line's
 own, which override it. Every `BatchEntropyConfig` / `TrainingArguments` flag is accepted (`--learning_rate`,
-`--max_steps`, `--lbe_beta`, ...). See docs/vanilla.md for the measurements behind the defaults.
+`--max_steps`, `--lbe_beta`, ...). See experiments/frontier/vanilla.md for the measurements behind the defaults.
 
 This script is the job's door: the code is the package `experiments.frontier` (arguments, data, runs, report,
 plot, cli), and `python -m experiments.frontier` runs the same job.

@@ -78,13 +78,17 @@ def test_recorded_commands_carry_no_local_absolute_paths(tmp_path):
     assert record["command"] == "python scripts/x.py --data_dir tests/fixtures/glue/RTE --output=path/to/out.json --lr 1e-3"
 
 
-def test_result_files_in_the_docs_carry_no_local_absolute_paths():
+def test_result_files_carry_no_local_paths():
+    """No JSON or page of the docs or of the experiments' records names a folder of the machine that wrote it:
+    neither an absolute path nor one that climbs out of the repository (`../shared/...`)."""
     import json
     import re
 
-    pattern = re.compile(r"(^|[\s\"'=(])/(work|root|tmp|home)/")
+    pattern = re.compile(r"(^|[\s\"'=(])(/(work|root|tmp|home)/|\.\./shared)")
     found = []
-    for folder, _, names in os.walk(os.path.join(REPO, "docs")):
+    folders = [os.path.join(REPO, "docs")] + [os.path.join(REPO, "experiments", name, "results")
+                                              for name in sorted(os.listdir(os.path.join(REPO, "experiments")))]
+    for folder, _, names in (entry for top in folders for entry in os.walk(top)):
         for name in names:
             if name.endswith((".json", ".md")):
                 with open(os.path.join(folder, name), encoding="utf-8") as f:

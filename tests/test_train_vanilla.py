@@ -1,7 +1,7 @@
 """scripts/train_vanilla.py in seconds: the frontier (ladder × seeds × runs, summary, provenance, picture, what it
 prints and the per-run logs), the single-pair mode, the presets, the reference layer choice, usage errors, and the
 reproducibility check: the stored configuration run twice here is identical, and it matches its stored JSON
-(docs/results/vanilla_repro_depth4.json) within tolerances that hold on other x86-64 hosts."""
+(experiments/frontier/results/vanilla_repro_depth4.json) within tolerances that hold on other x86-64 hosts."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from experiments.frontier import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "train_vanilla.py")
-REPRO_JSON = os.path.join(REPO, "docs", "results", "vanilla_repro_depth4.json")
+REPRO_JSON = os.path.join(REPO, "experiments", "frontier", "results", "vanilla_repro_depth4.json")
 
 TINY = ["--width", "16", "--max_steps", "20", "--logging_steps", "5", "--eval_steps", "10", "--learning_rate", "5e-3",
         "--per_device_train_batch_size", "64", "--disable_tqdm", "true"]
@@ -217,7 +217,7 @@ def test_presets_are_flags_the_command_line_overrides():
 
 
 # Tolerances of the comparison with the stored reference (a 4-layer MLP, baseline and LBE runs, 50 steps, float32),
-# measured with experiments/frontier/repro_perturbations.py (docs/results/vanilla_repro_perturbations.json). Perturbing
+# measured with experiments/frontier/repro_perturbations.py (experiments/frontier/results/vanilla_repro_perturbations.json). Perturbing
 # the last bits, as another x86-64 host with the same software does (AVX2 or scalar instead of AVX-512 kernels in
 # ATen, MKL and oneDNN, MKL's reproducibility mode, 2 threads instead of 1, every input pixel moved by one ulp), moved
 # the losses and final entropies of this configuration by at most 2.4e-7 relative (3 float32 ulps) and no test

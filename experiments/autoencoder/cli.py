@@ -3,8 +3,8 @@ layers per half, a linear code, a sigmoid output, PyTorch's default init) at sev
 squared reconstruction error without LBE (β = 0) and with it, seeds each, scored on the test images by the
 reconstruction error and SSIM (torchmetrics).
 
-    python -m experiments.autoencoder --dataset mnist --output docs/results/autoencoder_mnist.json \\
-        --plot docs/autoencoder_mnist.png
+    python -m experiments.autoencoder --dataset mnist --output experiments/autoencoder/results/autoencoder_mnist.json \\
+        --plot experiments/autoencoder/results/autoencoder_mnist.png
 
 What LBE regularizes: the model's hidden states, i.e. every encoder layer's output, the code and every decoder layer's
 output (2·depth + 1 layers), as the paper's reference autoencoder does. The task loss is the MSE (≥ 0), so the term

@@ -1,6 +1,6 @@
 """Step time and peak memory of `BatchEntropyTrainer` against plain `transformers.Trainer` (`scripts/benchmark.py`).
 
-The method, the cases and the commands are in the script's docstring and docs/benchmarks.md.
+The method, the cases and the commands are in the script's docstring and experiments/benchmark/benchmarks.md.
 """
 
 from __future__ import annotations

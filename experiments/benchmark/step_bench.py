@@ -18,7 +18,7 @@ time; wall times are recorded too. `--repo PATH` imports `hf_batch_entropy` and 
 checkout (e.g. the code before a change) with this script's measurement. Writes a JSON with the commit of the measured
 checkout, versions, machine and command:
 
-    python experiments/benchmark/step_bench.py --widths 64,256 --out docs/benchmarks/step_bench.json
+    python experiments/benchmark/step_bench.py --widths 64,256 --out experiments/benchmark/results/step_bench.json
     python experiments/benchmark/step_bench.py --repo ../before --widths 64 --out /tmp/before.json
 
 The first version of this script (a bare loop printing ms per step) measured two copies side by side for `--workers`:

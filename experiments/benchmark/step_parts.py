@@ -2,7 +2,7 @@
 thread, median process CPU time over repetitions of each part on its own. Writes a JSON with commit, versions, machine
 and command. Not part of the package or the tests.
 
-    python experiments/benchmark/step_parts.py --width 64 --out docs/benchmarks/step_parts_w64.json
+    python experiments/benchmark/step_parts.py --width 64 --out experiments/benchmark/results/step_parts_w64.json
 
 Parts: the forward with hidden states (through the modules, as before the direct path, and direct), the batch-entropies,
 the backward of the LBE loss, Trainer's gradient clipping (torch's `clip_grad_norm_`, and the norm alone, which is what

@@ -3,8 +3,8 @@ of a bare PyTorch step built up part by part, of `Trainer`'s and `BatchEntropyTr
 table of the operators whose time differs between the two trainers. Writes a JSON with commit, versions, machine and
 command. Not part of the package or the tests.
 
-    python experiments/benchmark/step_profile.py --reps 12 --out docs/benchmarks/cpu_1thread_mlp256_profile.json
-    python experiments/benchmark/step_profile.py --threads 2 --reps 24 --out docs/benchmarks/cpu_2threads_mlp256_profile.json
+    python experiments/benchmark/step_profile.py --reps 12 --out experiments/benchmark/results/cpu_1thread_mlp256_profile.json
+    python experiments/benchmark/step_profile.py --threads 2 --reps 24 --out experiments/benchmark/results/cpu_2threads_mlp256_profile.json
 
 With `--threads` above 1 every time is wall-clock time (process CPU time would add up the threads' time), and
 `--threads 0` keeps torch's default.

@@ -23,7 +23,7 @@ RUNS = ("baseline", "lbe")
 # Hidden layers (1-based) whose effective rank is recorded at every evaluation (those that exist at a given depth).
 RANK_LAYERS = (1, 2, 5, 10, 50, 100, 250, 500)
 
-# Named recipes: flags put in front of the command line's (which override them). docs/vanilla.md has the
+# Named recipes: flags put in front of the command line's (which override them). experiments/frontier/vanilla.md has the
 # measurements behind each. The frontier's: a fast revival, then a lower rate for the task: lr 1e-3 for 400 steps
 # (LBE revives the 500 layers of the deepest network in ~400 steps at this rate), a cosine decay over 100 steps to
 # 0.3 × 1e-3, then 3e-4 to the end (Transformers' warmup_stable_decay without warm-up, whose kwargs default to
@@ -95,7 +95,7 @@ class ModelArguments:
         metadata={"help": "On CPU, flush subnormal floats to zero on every thread (hf_batch_entropy.denormals). Deep vanilla networks "
                   "produce subnormal activations and gradients, on which CPU arithmetic is slower (measured 1.1-2.8x for "
                   "a forward+backward of the depth-500 MLP at widths 64-256); see "
-                  "docs/vanilla.md for the measurement. No effect on GPU."},
+                  "experiments/frontier/vanilla.md for the measurement. No effect on GPU."},
     )
     torch_threads: int = field(
         default=0,
@@ -176,7 +176,7 @@ class DataArguments:
 
 @dataclass
 class VanillaTrainingArguments(BatchEntropyConfig):
-    """`BatchEntropyConfig` with the frontier's defaults (see docs/vanilla.md)."""
+    """`BatchEntropyConfig` with the frontier's defaults (see experiments/frontier/vanilla.md)."""
 
     output_dir: str | None = field(default="vanilla_output", metadata={"help": "Where results.json and the PNG go."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak Adam learning rate (network weights and α)."})

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None, program: Sequence[str] = (SCRIPT,)) -> d
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     threads = resolve_threads(model_args) if cpu else None
     # Auto: one single-thread worker per logical CPU. On a quiet 2-vCPU AMD EPYC VM two workers ran the frontier in
-    # 4.9 min; one worker took 10.4 min while another job held the second vCPU (docs/vanilla.md). On a machine busy
+    # 4.9 min; one worker took 10.4 min while another job held the second vCPU (experiments/frontier/vanilla.md). On a machine busy
     # with other jobs they gain nothing.
     workers = data_args.workers or ((os.cpu_count() or 1) if cpu and threads == 1 else 1)
     workers = max(1, min(workers, len(plan_jobs(model_args, data_args))))

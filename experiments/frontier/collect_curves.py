@@ -2,8 +2,8 @@
 `meta` of the job that wrote it: command, commit, versions, machine) and draw them: test accuracy and alive layers
 against training steps and against the run's CPU seconds.
 
-    python experiments/frontier/collect_curves.py --out docs/results/vanilla_depth500_screens.json \
-        --png docs/vanilla_depth500_screens.png --title "depth 500, width 64, one seed" runs/scr/*/
+    python experiments/frontier/collect_curves.py --out experiments/frontier/results/vanilla_depth500_screens.json \
+        --png experiments/frontier/results/vanilla_depth500_screens.png --title "depth 500, width 64, one seed" runs/scr/*/
 
 Not part of the package or the tests.
 """

@@ -3,7 +3,7 @@ kind) at one depth: the mean over the seeds, with a band of ± one sample standa
 The pictures of docs/paper.md.
 
     python -m experiments.frontier.plot_curves --depth 500 --out docs/paper_cnn500.png \
-        "default init=docs/results/paper_cnn500.json" "delta-orthogonal, tanh=docs/results/paper_cnn500_delta.json"
+        "default init=experiments/frontier/results/paper_cnn500.json" "delta-orthogonal, tanh=experiments/frontier/results/paper_cnn500_delta.json"
 
 Each argument is `LABEL=PATH`; the legend reads "LABEL, without LBE" / "LABEL, with LBE" (and "ceiling").
 """

@@ -1,4 +1,4 @@
-"""Rank probe for issue 3 (docs/vanilla.md, "Third round"): a bare PyTorch loop over the same digits split, the same
+"""Rank probe for issue 3 (experiments/frontier/vanilla.md, "Third round"): a bare PyTorch loop over the same digits split, the same
 vanilla MLP and the library's `batch_entropies`, with L = CE·(1 + β·mean_l (H_l − max(α_min, |α_l|))²) as in
 `BatchEntropyRegularizer`, to try optimizers and estimators the Trainer does not offer. Every `--eval_every` steps it
 prints the test accuracy, the number of layers alive on the training batch, the effective rank of the centred test

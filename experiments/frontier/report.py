@@ -140,7 +140,7 @@ def format_table(results: list[dict]) -> str:
 
 
 # The prior shape of a run's cost, for the time-left estimate until a deep run has finished: in the documented
-# frontier (1,000 steps) a run took about 2.5 s plus 0.145 s per hidden layer (docs/results/vanilla_frontier.json),
+# frontier (1,000 steps) a run took about 2.5 s plus 0.145 s per hidden layer (experiments/frontier/results/vanilla_frontier.json),
 # i.e. a fixed part worth ~17 layers.
 def run_cost(job: Job) -> float:
     return job.depth + 17.0

@@ -14,7 +14,7 @@ start-up) and is compared with the unperturbed run:
   2.2e-3), `pie_x1.001` (the π·e of the batch-entropy formula ½·ln(π·e·σ² + 1) scaled by 1.001), `lr_x1.001`
   (the model's learning rate 2e-3 → 2.002e-3).
 
-    python experiments/frontier/repro_perturbations.py --output docs/results/vanilla_repro_perturbations.json
+    python experiments/frontier/repro_perturbations.py --output experiments/frontier/results/vanilla_repro_perturbations.json
 
 It writes, per configuration and variant and run, the change of the test accuracy (in test examples) and the largest
 relative change of the test loss, the evaluation losses, the mean training loss and the final per-layer entropies.
@@ -39,10 +39,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # spelled out: the frontier preset that supplies the defaults has a recipe of its own.
 RECIPE = ["--learning_rate", "2e-3", "--lr_scheduler_type", "polynomial", "--logging_steps", "10"]
 CONFIGS = {
-    # The configuration of the reproducibility test (docs/results/vanilla_repro_depth4.json).
+    # The configuration of the reproducibility test (experiments/frontier/results/vanilla_repro_depth4.json).
     "depth4_50steps": ["--depths", "4", "--runs", "baseline,lbe", "--num_seeds", "1", "--max_steps", "50",
                        "--eval_steps", "25", *RECIPE],
-    # The test's former configuration (docs/results/vanilla_repro_depth20.json): a deeper chain, 4x the steps.
+    # The test's former configuration (experiments/frontier/results/vanilla_repro_depth20.json): a deeper chain, 4x the steps.
     "depth20_200steps": ["--depths", "20", "--runs", "lbe", "--num_seeds", "1", "--max_steps", "200",
                          "--eval_steps", "100", *RECIPE],
 }

@@ -232,7 +232,7 @@ def setup_process(model_args: ModelArguments, training_args: VanillaTrainingArgu
     if training_args.device.type != "cpu":
         return
     if model_args.flush_denormal:
-        # Deep vanilla networks produce subnormal floats, on which CPU arithmetic is slower (1.1-2.8x, docs/vanilla.md).
+        # Deep vanilla networks produce subnormal floats, on which CPU arithmetic is slower (1.1-2.8x, experiments/frontier/vanilla.md).
         # Flushing them to zero changes values only below 1.2e-38. The trainers' callback repeats it every step.
         flush_denormals()
     torch.set_num_threads(resolve_threads(model_args))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Baseline (`--lbe_beta 0`) vs LBE on GLUE dev sets (RTE, MRPC, CoLA) with MiniLM-L6: the runs behind docs/results.md.
+"""Baseline (`--lbe_beta 0`) vs LBE on GLUE dev sets (RTE, MRPC, CoLA) with MiniLM-L6: the runs behind experiments/glue/results.md.
 
 Every run is one `scripts/run_glue.py` fine-tuning on the original GLUE TSV files; its results land in
 `<output_dir>/<task>/<method>/lr<lr>/seed<seed>/` (all_results.json, plus run_config.json with the settings and
@@ -12,10 +12,10 @@ turns them into the markdown table (mean ± std over seeds).
 The default protocol (3 tasks × 2 methods × 2 learning rates × 3 seeds = 36 runs, 3 epochs, batch 32, max length 128)
 took 172 s on one H200 with --bf16 and 6 workers (the `--grid` on RTE: 78 runs, 162 s with 8): several runs share the
 GPU at once, because a 22M-parameter model cannot keep it busy alone, and each worker imports the libraries once for
-all its runs. docs/results.md has the results.
+all its runs. experiments/glue/results.md has the results.
 
 Examples:
-    # the table of docs/results.md (GPU)
+    # the table of experiments/glue/results.md (GPU)
     python experiments/glue/glue_experiments.py --data_dir path/to/glue --output_dir runs/glue --bf16
     # the paper's α/β grid on RTE (only LBE settings, one learning rate)
     python experiments/glue/glue_experiments.py --data_dir path/to/glue --output_dir runs/glue_grid --bf16 \\

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -147,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
 def _record(runs: list[dict], runs_dir: str) -> dict:
     """The runs with the LBE metrics each logged (from its trainer_state.json), and the machine and code they ran on
     (read at table time: run the table on the machine and commit that ran the sweep)."""
-    from experiments.provenance import provenance
+    from experiments.provenance import portable_path, provenance
 
     for run in runs:
+        # the data files as a reader elsewhere can use them (relative to the repository or `path/to/<name>`)
+        run["args"] = [portable_path(os.path.abspath(w)) if os.sep in w and os.path.exists(w) else w
+                       for w in run.get("args", [])]
         state = Path(run["output_dir"]) / "trainer_state.json"
         if state.is_file():
             history = json.loads(state.read_text())["log_history"]

@@ -6,7 +6,7 @@ on the right to 16 tokens. For each, the mean batch-entropy over its 7 hidden st
 defaults (β = α₀ = α_min = 0.5, task loss 1) are computed over every position (`lbe_ignore_padding=False`, the paper's
 code and this library before the option) and over the real tokens only (`True`, the default).
 
-    python experiments/glue/padding_check.py --output docs/results/padding_minilm.json
+    python experiments/glue/padding_check.py --output experiments/glue/results/padding_minilm.json
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 download), LBE on the output of every residual block through module targets on the block class, over a β grid and
 seeds, on MNIST or digits.
 
-    python -m experiments.resnet --dataset mnist --output docs/results/resnet_mnist.json --plot docs/resnet_mnist.png
+    python -m experiments.resnet --dataset mnist --output experiments/resnet/results/resnet_mnist.json --plot experiments/resnet/results/resnet_mnist.png
 
 A ResNet's `hidden_states` are one per stage (the embedding and each stage's output), so LBE's default would see 4
 tensors; a user who wants each residual block regularized names the block class, as here:

@@ -2,7 +2,7 @@
 trained from scratch, LBE on its `hidden_states` (the patch embeddings and every encoder layer's output: the trainer's
 default for a Transformers model, nothing to name), over a β grid and seeds, on MNIST or digits.
 
-    python -m experiments.vit --dataset mnist --output docs/results/vit_mnist.json --plot docs/vit_mnist.png
+    python -m experiments.vit --dataset mnist --output experiments/vit/results/vit_mnist.json --plot experiments/vit/results/vit_mnist.png
 """
 
 from __future__ import annotations

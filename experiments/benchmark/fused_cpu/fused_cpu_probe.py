@@ -4,7 +4,7 @@ passes replaced by small C++ loops, compiled on the spot. The research probe tha
 needs a C++ compiler and `ninja`, and it is not bit-identical to the estimator (its sums run in another order).
 
     python experiments/benchmark/fused_cpu_probe.py [--in_place] --cases mlp256 --steps 5 --warmup 2 --rounds 8 \
-        --memory_steps 2 --memory_repeats 3 --output docs/benchmarks/zen2_default_threads_fused_probe.json
+        --memory_steps 2 --memory_repeats 3 --output experiments/benchmark/results/zen2_default_threads_fused_probe.json
 
 Every argument but `--in_place` goes to `scripts/benchmark.py`; the JSON's note says the probe ran. What is replaced,
 for a chunk of unmasked float32 layers `(B, U)` on the CPU (anything else takes the package's own code):
