@@ -64,8 +64,6 @@ class BatchEntropyArguments:
     α₀ ∈ {0.2, 0.3, 0.5, 0.8}.
 
     Parameters:
-        > What the term does
-
         lbe_beta (`float`, *optional*, defaults to `0.5`):
             Weight β of the term. `0` turns LBE off: losses and updates are exactly the base trainer's, and the
             entropies are still measured and logged.
@@ -82,9 +80,7 @@ class BatchEntropyArguments:
             adds `β·mean_l(lbe_l)` alone: for losses that are about 0 or change sign (TRL's GRPO and RLOO), where a
             term scaled by them does next to nothing.
 
-        > Which activations
-
-        lbe_target_modules (`TargetModules`: `str`, `list[str | type[nn.Module]]` or `None`, *optional*, defaults to `None`):
+        lbe_target_modules (`TargetModules`, i.e. `str`, `list[str | type[nn.Module]]` or `None`, *optional*, defaults to `None`):
             The layers to regularize, as PEFT's `target_modules`: module names matched exactly or as a dotted suffix,
             a regex string (on the command line `re:<regex>`), or module classes (from Python). `None`: the model's
             `hidden_states`, else its activation modules, else every `Linear`/`Conv` layer.
@@ -92,14 +88,10 @@ class BatchEntropyArguments:
             Leave padding out of token-level entropies (`attention_mask`); `False` takes every position, as the
             paper's code does.
 
-        > How it is computed
-
         lbe_sync_entropy (`bool`, *optional*, defaults to `False`):
             Entropies over the global batch of all processes (like `SyncBatchNorm`), with gradients through the merge.
         lbe_fused (`bool`, *optional*, defaults to `True`):
             One fused reduction over all same-shaped layers; `False` runs the per-layer reference loop (same numbers).
-
-        > What is reported
 
         lbe_log_per_layer (`bool`, *optional*, defaults to `False`):
             Also log each layer's entropy as `batch_entropy/layer_<i>`.

@@ -298,9 +298,11 @@ class BatchEntropyRegularizer(nn.Module):
 
         Args:
             lr: the base learning rate of `α`; `step(lr_factor)` applies `lr · lr_factor` (a schedule's factor).
-            betas, eps: Adam's; `BatchEntropyTrainer` passes the training arguments' `adam_beta1/2`, `adam_epsilon`.
-            fused, foreach: torch's implementation switches. Choosing the model optimizer's makes `α`'s updates
-                bit-identical to those it would get as a parameter group of that optimizer.
+            betas: Adam's betas; `BatchEntropyTrainer` passes the training arguments' `adam_beta1/2`.
+            eps: Adam's epsilon; `BatchEntropyTrainer` passes `adam_epsilon`.
+            fused: torch's fused implementation switch. Choosing the model optimizer's (and its `foreach`) makes
+                `α`'s updates bit-identical to those it would get as a parameter group of that optimizer.
+            foreach: torch's multi-tensor implementation switch (see `fused`).
         """
         if lr is None:
             raise ValueError("configure_optimizer needs a learning rate for α, got lr=None.")
