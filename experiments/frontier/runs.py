@@ -21,8 +21,8 @@ import transformers
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 
 from hf_batch_entropy import BatchEntropyTrainer, batch_entropies
-from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
-from hf_batch_entropy.models import build_vanilla_model
+from experiments.denormals import FlushDenormalsCallback, flush_denormals
+from experiments.models import build_vanilla_model
 
 from .arguments import (
     DEAD_ENTROPY,
