@@ -56,11 +56,15 @@ def load_model(
     except ValueError as err:
         # The model type is not one transformers knows, or its config names modeling code of its own: say what to do
         # in words the command line and Python share.
-        model_type = PreTrainedConfig.get_config_dict(name_or_path, revision=revision)[0].get("model_type")
+        try:
+            model_type = PreTrainedConfig.get_config_dict(name_or_path, revision=revision)[0].get("model_type")
+        except (OSError, ValueError):
+            raise err from None
         ours = clone_models is None and model_type in RESEARCH_MODEL_TYPES
         if ours or "trust_remote_code" in str(err):
             raise ValueError(
-                f"{name_or_path}: model type {model_type!r} is not in transformers. {CLONE_HINT + ' ' if ours else ''}"
+                f"{name_or_path}: its model type {model_type!r} needs modeling code that transformers does not have. "
+                f"{CLONE_HINT + ' ' if ours else ''}"
                 "If you trust the modeling code saved with the model, run it: --trust_remote_code on the command "
                 "line, trust_remote_code=True from Python."
             ) from err
@@ -144,7 +148,7 @@ def _default_batches(
                 "Pass another `tokenizer`, or none for random token ids.",
                 "Give another one with --tokenizer NAME_OR_PATH, or leave --tokenizer out for random token ids.",
             )
-        unusable = f" (its tokenizer {name!r} maps every sentence to the same tokens)"
+        unusable = f" (no usable tokenizer: the one loaded from {name!r} maps every sentence to the same tokens)"
     if config is not None and _is_vision_config(config):
         size = config.image_size
         size = size[0] if isinstance(size, (tuple, list)) else size
