@@ -13,6 +13,7 @@ import zipfile
 LIBRARY = {
     "hf_batch_entropy/__init__.py",
     "hf_batch_entropy/_compat.py",
+    "hf_batch_entropy/_deepspeed_notice.py",
     "hf_batch_entropy/accelerate_configs/__init__.py",
     "hf_batch_entropy/accelerate_configs/ddp.yaml",
     "hf_batch_entropy/accelerate_configs/deepspeed_zero2.yaml",
