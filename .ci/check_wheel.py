@@ -1,26 +1,46 @@
-"""Build-time check of what `pip install .` ships: the library and its data files, no research code.
+"""Build-time check of what `pip install .` ships: exactly the library's modules and data files, nothing else.
 
     python .ci/check_wheel.py dist/hf_batch_entropy-*.whl
+
+The list is pinned: a module added to or removed from `hf_batch_entropy/` changes it on purpose. The research code
+(experiments/, with the vanilla and autoencoder models and denormals.py), run_glue.py's GLUE helpers and metric
+(scripts/glue_utils), the examples, docs and tests stay in the repository.
 """
 
 import sys
 import zipfile
 
-REQUIRED = {
+LIBRARY = {
     "hf_batch_entropy/__init__.py",
-    "hf_batch_entropy/trainer.py",
-    "hf_batch_entropy/csrc/squared_deviations.cpp",
-    "hf_batch_entropy/models/modeling_vanilla.py",
-    "hf_batch_entropy/metrics/glue/glue.py",
+    "hf_batch_entropy/_compat.py",
+    "hf_batch_entropy/_deepspeed_notice.py",
+    "hf_batch_entropy/accelerate_configs/__init__.py",
     "hf_batch_entropy/accelerate_configs/ddp.yaml",
+    "hf_batch_entropy/accelerate_configs/deepspeed_zero2.yaml",
+    "hf_batch_entropy/accelerate_configs/deepspeed_zero3.yaml",
+    "hf_batch_entropy/accelerate_configs/fsdp.yaml",
+    "hf_batch_entropy/alpha_step.py",
+    "hf_batch_entropy/capture.py",
+    "hf_batch_entropy/config.py",
+    "hf_batch_entropy/diagnosis/__init__.py",
+    "hf_batch_entropy/diagnosis/__main__.py",
+    "hf_batch_entropy/diagnosis/cli.py",
+    "hf_batch_entropy/diagnosis/clone.py",
+    "hf_batch_entropy/diagnosis/inputs.py",
+    "hf_batch_entropy/diagnosis/loading.py",
+    "hf_batch_entropy/diagnosis/report.py",
+    "hf_batch_entropy/entropy.py",
+    "hf_batch_entropy/guard.py",
+    "hf_batch_entropy/modelcard.py",
+    "hf_batch_entropy/regularizer.py",
+    "hf_batch_entropy/tally.py",
+    "hf_batch_entropy/tokens.py",
+    "hf_batch_entropy/trainer.py",
 }
 
 wheel = sys.argv[1]
-names = [n for n in zipfile.ZipFile(wheel).namelist() if not n.endswith("/")]
-outside = [n for n in names if not (n.startswith("hf_batch_entropy/") or ".dist-info/" in n)]
-research = [n for n in names if any(part in n for part in ("experiments", "frontier", "benchmark"))]
-missing = sorted(REQUIRED - set(names))
-assert not outside, f"the wheel ships files outside the library: {outside}"
-assert not research, f"the wheel ships research code: {research}"
+names = {n for n in zipfile.ZipFile(wheel).namelist() if not n.endswith("/") and ".dist-info/" not in n}
+extra, missing = sorted(names - LIBRARY), sorted(LIBRARY - names)
+assert not extra, f"the wheel ships files that are not the library's (pin them in .ci/check_wheel.py if they are): {extra}"
 assert not missing, f"the wheel lacks: {missing}"
-print(f"wheel: {len(names)} files, the library only ({wheel.rsplit('/', 1)[-1]})")
+print(f"wheel: {len(names)} files, the library's and nothing else ({wheel.rsplit('/', 1)[-1]})")

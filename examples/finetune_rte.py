@@ -10,12 +10,15 @@ the majority class (the script prints both). Full runs with seeds are `scripts/r
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
-from hf_batch_entropy.glue import bundled_minilm_path, load_glue_files, load_glue_from_hub
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # run_glue.py's GLUE helpers, beside it
+from glue_utils import bundled_minilm_path, load_glue_files, load_glue_from_hub  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=bundled_minilm_path(), help="Hub name or folder (default: bundled MiniLM-L6)")

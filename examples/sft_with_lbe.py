@@ -11,6 +11,7 @@ SST-2 reviews (GLUE, from the Hub) written as "review: … sentiment: …"; pass
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -19,7 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from trl import SFTConfig, SFTTrainer
 
 from hf_batch_entropy import BatchEntropyMixin, batch_entropy_config
-from hf_batch_entropy.glue import load_glue_files, load_glue_from_hub
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # run_glue.py's GLUE helpers, beside it
+from glue_utils import load_glue_files, load_glue_from_hub  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=None, help="a causal LM (Hub name or folder); default: a small one from scratch")

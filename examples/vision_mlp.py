@@ -6,6 +6,8 @@ ReLU outputs regularized through forward hooks (`lbe_target_modules`).
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +16,9 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
-from hf_batch_entropy.denormals import FlushDenormalsCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's research code, not installed
+from experiments.denormals import FlushDenormalsCallback  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--depth", type=int, default=30, help="hidden layers")

@@ -3,20 +3,23 @@
 Peer, Keulen, Stabinger, Piater and Rodríguez-Sánchez, "Improving the Trainability of Deep Neural Networks through
 Layerwise Batch-Entropy Regularization", TMLR 2022.
 
-`import hf_batch_entropy` loads the core: the estimator, the regularizer, activation capture, the config and the
-trainer. The rest are subpackages imported on use: `hf_batch_entropy.glue` (GLUE data and its metric),
-`hf_batch_entropy.models` (the vanilla MLP/CNN, registered with the Auto classes when imported) and
-`hf_batch_entropy.diagnosis`.
+`import hf_batch_entropy` loads the library: the estimator, the regularizer, activation capture, the config and the
+trainer. The trainability diagnosis, `hf_batch_entropy.diagnosis` (`diagnose`, `python -m hf_batch_entropy.diagnosis`),
+is imported on use. The research code stays in the repository, not in the package: the vanilla and autoencoder models
+(`experiments/models`), GLUE's data loading and metric (`scripts/glue_utils`, beside `scripts/run_glue.py`).
 """
 
 import importlib
 
+from ._deepspeed_notice import quiet_cpu_fallback_notice
 from .config import BatchEntropyArguments, BatchEntropyConfig, BatchEntropySeq2SeqConfig, batch_entropy_config
 from .entropy import batch_entropies, batch_entropy
 from .regularizer import BatchEntropyRegularizer, LBEOutput
 from .trainer import BatchEntropyMixin, BatchEntropySeq2SeqTrainer, BatchEntropyTrainer
 
 __version__ = "0.1.0"
+
+quiet_cpu_fallback_notice()  # Trainer imports DeepSpeed where it is installed; on a CPU its notice is no news
 
 __all__ = [
     "BatchEntropyArguments",
@@ -33,21 +36,9 @@ __all__ = [
     "diagnose",
 ]
 
-# Names that live in a subpackage, imported when first asked for: `diagnose` so that `python -m
-# hf_batch_entropy.diagnosis` does not find its module already imported; the others so that the core does not load
-# GLUE parsing, scikit-learn or the vanilla models (whose import registers Auto classes) unless they are used.
-_ON_USE = {
-    "diagnose": "diagnosis",
-    "bundled_minilm_path": "glue",
-    "load_glue_files": "glue",
-    "load_glue_metric": "metrics",
-    "DenseAutoencoderConfig": "models",
-    "DenseAutoencoderModel": "models",
-    "VanillaCNNConfig": "models",
-    "VanillaCNNForImageClassification": "models",
-    "VanillaMLPConfig": "models",
-    "VanillaMLPForImageClassification": "models",
-}
+# `diagnose` lives in its subpackage, imported when first asked for, so that `python -m hf_batch_entropy.diagnosis`
+# does not find its module already imported and `import hf_batch_entropy` does not load it.
+_ON_USE = {"diagnose": "diagnosis"}
 
 
 def __getattr__(name: str):

@@ -27,7 +27,7 @@ Peak memory:
   only (else CPU memory is not measured).
 
 On CPU the script flushes subnormal floats to zero (`torch.set_flush_denormal(True)`, on the main thread and on every
-OpenMP thread, see `hf_batch_entropy.denormals`): at initialization the deep layers of a depth-500 vanilla network carry subnormal
+OpenMP thread, see `experiments.denormals`): at initialization the deep layers of a depth-500 vanilla network carry subnormal
 floats, which make CPU matrix products 10-60× slower; without it the timing is of the subnormals, for both trainers,
 and varies wildly from turn to turn.
 

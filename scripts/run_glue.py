@@ -61,9 +61,8 @@ except ImportError:
     # Run from a checkout without `pip install -e .`: the package is the folder next to scripts/.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
-from hf_batch_entropy.glue import GlueDataError, GlueTrainingArguments, bundled_minilm_path, load_glue_metric
-from hf_batch_entropy.glue.arguments import (
+from glue_utils import GlueDataError, GlueTrainingArguments, bundled_minilm_path, load_glue_metric  # beside this script
+from glue_utils.arguments import (
     DataTrainingArguments,
     ModelArguments,
     UsageError,
@@ -72,6 +71,7 @@ from hf_batch_entropy.glue.arguments import (
     load_raw_datasets,
     parse_glue_args,
 )
+from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
 
 logger = logging.getLogger("run_glue")
 
@@ -93,7 +93,7 @@ def setup_logging(training_args: BatchEntropyConfig) -> None:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
-    logging.getLogger("hf_batch_entropy").setLevel(log_level)  # the data loading of hf_batch_entropy.glue
+    logging.getLogger("glue_utils").setLevel(log_level)  # the data loading of glue_utils
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()

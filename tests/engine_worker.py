@@ -130,7 +130,7 @@ class ToyPixelDataset(torch.utils.data.Dataset):
 
 
 def tiny_vanilla_mlp():
-    from hf_batch_entropy.models import VanillaMLPConfig, VanillaMLPForImageClassification
+    from experiments.models import VanillaMLPConfig, VanillaMLPForImageClassification
 
     torch.manual_seed(0)
     return VanillaMLPForImageClassification(VanillaMLPConfig(depth=6, width=16))

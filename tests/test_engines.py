@@ -293,7 +293,7 @@ def test_a_llama_trains_and_saves(launched, engine):
 def test_the_vanilla_mlp_trains_and_saves_under_fsdp2(launched):
     """A model without input embeddings (the vanilla MLP: pixels go straight into its first layer) goes through
     accelerate's FSDP2 preparation, which asks every model for them, and its folder loads with the Auto classes."""
-    import hf_batch_entropy.models  # noqa: F401  (registers the vanilla configs with the Auto classes)
+    import experiments.models  # noqa: F401  (registers the vanilla configs with the Auto classes)
     from transformers import AutoModelForImageClassification
 
     run = launched("fsdp2")

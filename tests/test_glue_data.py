@@ -1,4 +1,4 @@
-"""GLUE data loading (`hf_batch_entropy.glue`): the original GLUE TSV files, CSV/JSON lines, and clear errors."""
+"""GLUE data loading (`glue_utils`): the original GLUE TSV files, CSV/JSON lines, and clear errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 
-from hf_batch_entropy.glue import (
+from glue_utils import (
     GLUE_TASKS,
     GlueDataError,
     bundled_minilm_path,

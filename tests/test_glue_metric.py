@@ -1,4 +1,4 @@
-"""The bundled GLUE metric (`hf_batch_entropy/metrics/glue/glue.py`): loads offline, scores as GLUE defines it.
+"""The bundled GLUE metric (`scripts/glue_utils/metrics/glue/glue.py`): loads offline, scores as GLUE defines it.
 
 Expected values are worked out by hand in the comments, not computed by the libraries under test.
 """
@@ -15,7 +15,7 @@ import evaluate
 import numpy as np
 import pytest
 
-from hf_batch_entropy.metrics import GLUE_METRIC_PATH, glue_metric_path, load_glue_metric
+from glue_utils.metrics import GLUE_METRIC_PATH, glue_metric_path, load_glue_metric
 
 
 def test_path_is_a_local_evaluate_module():

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from hf_batch_entropy.models import (
+from experiments.models import (
     VanillaCNNConfig,
     VanillaCNNForImageClassification,
     VanillaMLPConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,18 +23,27 @@ def imported_after(code: str) -> dict:
 def test_import_loads_the_core_only():
     after = imported_after("import hf_batch_entropy")
     loaded = set(after["modules"])
-    for heavy in ("sklearn", "matplotlib", "evaluate", "hf_batch_entropy.glue", "hf_batch_entropy.models",
-                  "hf_batch_entropy.metrics", "hf_batch_entropy.diagnosis", "experiments"):
+    for heavy in ("sklearn", "matplotlib", "evaluate", "glue_utils", "hf_batch_entropy.diagnosis", "experiments"):
         assert heavy not in loaded, f"import hf_batch_entropy imported {heavy}"
     assert not after["vanilla_registered"]
     assert {"hf_batch_entropy.entropy", "hf_batch_entropy.regularizer", "hf_batch_entropy.trainer"} <= loaded
 
 
-def test_subpackages_load_on_use():
-    """The names that moved to subpackages still resolve from the top level, importing their subpackage then."""
-    after = imported_after("from hf_batch_entropy import VanillaMLPConfig, load_glue_files")
-    assert after["vanilla_registered"]
-    assert {"hf_batch_entropy.models", "hf_batch_entropy.glue"} <= set(after["modules"])
+def test_diagnose_loads_on_use():
+    after = imported_after("from hf_batch_entropy import diagnose")
+    assert "hf_batch_entropy.diagnosis" in after["modules"] and "experiments" not in after["modules"]
+
+
+@pytest.mark.parametrize("name", ["glue", "metrics", "models", "denormals"])
+def test_the_research_code_is_not_in_the_package(name):
+    """GLUE's helpers and metric sit beside scripts/run_glue.py, the vanilla models and denormals.py in experiments/
+    (the wheel's file list is pinned in .ci/check_wheel.py)."""
+    import hf_batch_entropy
+
+    package = os.path.dirname(hf_batch_entropy.__file__)
+    assert not os.path.exists(os.path.join(package, name)) and not os.path.exists(os.path.join(package, f"{name}.py"))
+    for moved in ("VanillaMLPConfig", "load_glue_files", "load_glue_metric", "bundled_minilm_path"):
+        assert not hasattr(hf_batch_entropy, moved)
 
 
 def test_unknown_attribute_is_an_attribute_error():
@@ -41,3 +51,25 @@ def test_unknown_attribute_is_an_attribute_error():
 
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         hf_batch_entropy.nope  # noqa: B018
+
+
+def test_deepspeed_cpu_fallback_notice_is_dropped():
+    """Where DeepSpeed is installed, Trainer imports it, and on a CPU it warns "Setting accelerator to CPU" in every
+    process; importing hf_batch_entropy drops that one record (DeepSpeed still chooses the CPU) and nothing else."""
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    probe = ("import logging, deepspeed; from deepspeed.accelerator import get_accelerator; "
+             "print('accelerator', get_accelerator().device_name()); "
+             "logging.getLogger('DeepSpeed').warning('another DeepSpeed warning')")
+
+    def run(first: str) -> str:
+        done = subprocess.run([sys.executable, "-c", first + probe], capture_output=True, text=True, timeout=300,
+                              env=env, check=True)
+        return done.stdout + done.stderr
+
+    without_library = run("")
+    if "Setting accelerator to CPU" not in without_library:
+        pytest.skip("DeepSpeed found an accelerator here: it prints no CPU fallback notice")
+    with_library = run("import hf_batch_entropy; ")
+    assert "Setting accelerator to CPU" not in with_library
+    assert "accelerator cpu" in with_library and "another DeepSpeed warning" in with_library

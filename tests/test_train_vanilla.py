@@ -534,3 +534,61 @@ def test_plot_curves_mean_and_std_over_seeds(tmp_path):
     assert got["baseline"][3] == 1 and got["baseline"][2].tolist() == [0, 0] and "ceiling" in got
     plot_curves.main([f"default={path}", "--depth", "500", "--out", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def _children(pid: int) -> list[int]:
+    """The live (not zombie) child processes of `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_workers_exit_when_the_job_is_stopped(tmp_path, stop):
+    """The job's two worker processes end within a few seconds of the job, however it is stopped: killed (they watch
+    their parent), terminated (Python does not catch SIGTERM: the same) or interrupted (it terminates them)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    job = subprocess.Popen([sys.executable, SCRIPT, "--depths", "3,4", "--num_seeds", "1", "--ceiling", "false",
+                            "--workers", "2", "--width", "16", "--max_steps", "100000", "--eval_steps", "100000",
+                            "--logging_steps", "100000", "--disable_tqdm", "true", "--output_dir", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while len([p for p in out.glob("*") if p.is_dir()]) < 2:  # both workers are training a run
+            assert job.poll() is None and time.monotonic() < deadline, "the job did not start its runs"
+            time.sleep(0.2)
+        workers = _children(job.pid)
+        assert len(workers) >= 2
+        os.kill(job.pid, getattr(signal, stop))
+        job.wait(timeout=60)
+        deadline = time.monotonic() + 5
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], f"workers still running {5} s after the job's {stop}"
+    finally:
+        job.kill()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)

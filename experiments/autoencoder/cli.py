@@ -26,7 +26,7 @@ from transformers import set_seed
 from experiments.families.data import PixelDataset, load_images
 from experiments.families.report import fmt, mean_std, write_json
 from experiments.families.runs import add_common_arguments, parse_ints, quiet, recipe_from, recipe_record, train
-from hf_batch_entropy.models import DenseAutoencoderConfig, DenseAutoencoderModel
+from experiments.models import DenseAutoencoderConfig, DenseAutoencoderModel
 
 
 def ssim_kernel(image_size: int) -> int:

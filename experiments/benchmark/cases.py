@@ -96,7 +96,7 @@ def _tiny_bert() -> torch.nn.Module:
 
 def _vanilla_mlp(width: int, depth: int = 500) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
-        from hf_batch_entropy.models import VanillaMLPConfig, VanillaMLPForImageClassification
+        from experiments.models import VanillaMLPConfig, VanillaMLPForImageClassification
 
         return VanillaMLPForImageClassification(VanillaMLPConfig(depth=depth, width=width, image_size=8))
 

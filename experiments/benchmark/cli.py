@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
 from experiments.provenance import cpu_model, provenance
-from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
+from experiments.denormals import FlushDenormalsCallback, flush_denormals
 
 from . import compiled_estimator
 from .cases import ALL_CASES, CPU_CASES, CUDA_CASES, Case, TensorDictDataset, get_case

@@ -57,7 +57,7 @@ def bench_bare(depth: int, width: int, steps: int, clip: bool) -> dict:
     import torch
 
     from hf_batch_entropy import batch_entropies
-    from hf_batch_entropy.models import build_vanilla_model
+    from experiments.models import build_vanilla_model
 
     torch.manual_seed(0)
     model = build_vanilla_model("mlp", depth, width)
@@ -182,7 +182,7 @@ def main() -> None:
     import torch
 
     import hf_batch_entropy
-    from hf_batch_entropy.denormals import flush_denormals
+    from experiments.denormals import flush_denormals
 
     torch.set_num_threads(1)
     flush_denormals()

@@ -48,9 +48,9 @@ def main() -> None:
 
     import experiments.frontier as tv
     from hf_batch_entropy import batch_entropies
-    from hf_batch_entropy.denormals import flush_denormals
-    from hf_batch_entropy.models import build_vanilla_model
-    from hf_batch_entropy.models import modeling_vanilla
+    from experiments.denormals import flush_denormals
+    from experiments.models import build_vanilla_model
+    from experiments.models import modeling_vanilla
     from experiments.provenance import provenance
 
     torch.set_num_threads(1)

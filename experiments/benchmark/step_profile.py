@@ -126,7 +126,7 @@ def main() -> None:
     from experiments.benchmark.measure import CLOCKS
     from experiments.provenance import provenance
     from hf_batch_entropy import batch_entropies
-    from hf_batch_entropy.denormals import flush_denormals
+    from experiments.denormals import flush_denormals
     from hf_batch_entropy.regularizer import BatchEntropyRegularizer
     from hf_batch_entropy.tally import MetricTally
 

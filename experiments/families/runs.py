@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
-from hf_batch_entropy.denormals import FlushDenormalsCallback
+from experiments.denormals import FlushDenormalsCallback
 
 from .data import DATASETS
 

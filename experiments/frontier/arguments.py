@@ -66,7 +66,7 @@ class ModelArguments:
                   "'default' (PyTorch's, as in the paper), 'orthogonal' (MLP: σ_w·orthogonal weights, N(0, σ_b²) "
                   "biases, the dynamical-isometry alternative; use with --activation tanh) or 'delta_orthogonal' "
                   "(CNN, Xiao et al. 2018: orthogonal kernel centres, zeros elsewhere). The model's config records it "
-                  "(hf_batch_entropy/models/configuration_vanilla.py documents the gains).",
+                  "(experiments/models/configuration_vanilla.py documents the gains).",
                   "choices": ["default", "orthogonal", "delta_orthogonal"]},
     )
     init_gain: float | None = field(
@@ -92,7 +92,7 @@ class ModelArguments:
     ceiling_depth: int = field(default=2, metadata={"help": "Hidden layers of the ceiling network."})
     flush_denormal: bool = field(
         default=True,
-        metadata={"help": "On CPU, flush subnormal floats to zero on every thread (hf_batch_entropy.denormals). Deep vanilla networks "
+        metadata={"help": "On CPU, flush subnormal floats to zero on every thread (experiments.denormals). Deep vanilla networks "
                   "produce subnormal activations and gradients, on which CPU arithmetic is slower (measured 1.1-2.8x for "
                   "a forward+backward of the depth-500 MLP at widths 64-256); see "
                   "experiments/frontier/vanilla.md for the measurement. No effect on GPU."},

@@ -22,6 +22,7 @@ from .data import SOURCES, check_data_source
 from .plot import plot_entropy_heatmaps, plot_frontier
 from .report import Progress, _duration, format_frontier_table, format_table, interpret, summarize
 from .runs import Job, _worker_init, plan_jobs, resolve_threads, run_job, setup_process
+from .workers import terminate_workers
 
 # Same logger name as the job's other log lines (see runs.py).
 logger = logging.getLogger("train_vanilla")
@@ -119,10 +120,15 @@ def main(argv: list[str] | None = None, program: Sequence[str] = (SCRIPT,)) -> d
     else:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked OpenMP pool
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                                    initargs=(threads or 1, data_args.verbose)) as pool:
-            futures = {pool.submit(run_job, job, expanded, True): job for job in jobs}
-            for future in concurrent.futures.as_completed(futures):
-                finished(futures[future], *future.result())
+                                                    initargs=(threads or 1, data_args.verbose, os.getpid())) as pool:
+            try:
+                futures = {pool.submit(run_job, job, expanded, True): job for job in jobs}
+                for future in concurrent.futures.as_completed(futures):
+                    finished(futures[future], *future.result())
+            except BaseException:  # Ctrl-C included: stop the workers' runs rather than wait for them
+                pool.shutdown(wait=False, cancel_futures=True)
+                terminate_workers()
+                raise
     report = write()
     ordered = report["runs"]
     depths = sorted({r["depth"] for r in ordered if r["run"] != "ceiling"})

@@ -25,7 +25,7 @@ import torch
 
 from hf_batch_entropy import batch_entropies
 from experiments.frontier import DEAD_ENTROPY, load_digits_split
-from hf_batch_entropy.models import build_vanilla_model
+from experiments.models import build_vanilla_model
 
 RANK_LAYERS = (1, 5, 10, 50, 250, 500)
 STATS_LAYERS = (1, 5, 10, 50)

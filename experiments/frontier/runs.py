@@ -21,8 +21,8 @@ import transformers
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set_seed
 
 from hf_batch_entropy import BatchEntropyTrainer, batch_entropies
-from hf_batch_entropy.denormals import FlushDenormalsCallback, flush_denormals
-from hf_batch_entropy.models import build_vanilla_model
+from experiments.denormals import FlushDenormalsCallback, flush_denormals
+from experiments.models import build_vanilla_model
 
 from .arguments import (
     DEAD_ENTROPY,
@@ -36,6 +36,7 @@ from .arguments import (
     scheduler_name,
 )
 from .data import data_source, load_data
+from .workers import watch_parent
 
 # The job's log lines (stdout, run.log) name their source "train_vanilla", as they did when all this was one script.
 logger = logging.getLogger("train_vanilla")
@@ -344,7 +345,10 @@ def _run_job(job: Job, model_args: ModelArguments, data_args: DataArguments, tra
     return result, {"steps": recorder.steps, "entropies": recorder.entropies}
 
 
-def _worker_init(threads: int, verbose: bool = False) -> None:
+def _worker_init(threads: int, verbose: bool = False, parent_pid: int | None = None) -> None:
+    # First: a worker whose job is gone ends (however the job was stopped; see workers.py).
+    if parent_pid is not None:
+        watch_parent(parent_pid)
     # Before torch starts its thread pool in the worker: one thread per worker process.
     torch.set_num_threads(threads)
     # Warnings (and with --verbose every log line) of a run in a worker reach stdout as in the main process.

@@ -17,14 +17,16 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository root, for `experiments`
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run as a file: the repository root, for `experiments`
+sys.path.insert(0, str(REPO / "scripts"))  # run_glue.py's GLUE helpers, `glue_utils`
 
 import torch
 from transformers import AutoModel, AutoTokenizer
 
 from hf_batch_entropy import BatchEntropyRegularizer
-from hf_batch_entropy.glue import bundled_minilm_path, load_glue_files
 from experiments.provenance import provenance
+from glue_utils import bundled_minilm_path, load_glue_files
 from hf_batch_entropy.tokens import TokenLayout
 
 

@@ -23,21 +23,25 @@ fp16: 7e-6). Pass `threshold=` / `--threshold` to choose another one.
 From Python:
 
     >>> from hf_batch_entropy import diagnose
+    >>> from experiments.models import VanillaMLPConfig                # from the root of a clone of the repository
     >>> report = diagnose(VanillaMLPConfig(depth=500, width=64))    # a config, a model, or a Hub name / local path
     >>> report.flagged[:3], report.suggested_settings
     >>> print(report)
 
 From the command line:
 
-    python -m hf_batch_entropy.diagnosis --vanilla mlp --depth 500 --width 64
+    python -m hf_batch_entropy.diagnosis --vanilla mlp --depth 500 --width 64    # from the root of a clone
     python -m hf_batch_entropy.diagnosis bert-base-uncased             # Hub name (or a local folder)
+    python -m hf_batch_entropy.diagnosis runs/quickstart               # no tokenizer: random token ids, said so
+    python -m hf_batch_entropy.diagnosis runs/quickstart --tokenizer bert-base-uncased
 
-Modules: `report` (the diagnosis, thresholds, suggested settings), `inputs` (digits, sentences), `loading` (the
-model from a config, module or name), `cli` (the command line).
+Modules: `report` (the diagnosis, thresholds, suggested settings), `inputs` (digits, sentences, random token ids),
+`loading` (the model from a config, module or name, and its default inputs), `clone` (the research models and
+`flush_denormals` of the repository's experiments/, where the diagnosis runs in a clone), `cli` (the command line).
 """
 
 from .cli import build_parser, main
-from .inputs import SENTENCES, digits_batches, text_batches
+from .inputs import SENTENCES, digits_batches, random_token_batches, text_batches
 from .loading import load_model
 from .report import DEFAULT_THRESHOLD, Diagnosis, default_threshold, diagnose, suggest_settings
 
@@ -51,6 +55,7 @@ __all__ = [
     "digits_batches",
     "load_model",
     "main",
+    "random_token_batches",
     "suggest_settings",
     "text_batches",
 ]

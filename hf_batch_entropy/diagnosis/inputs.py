@@ -1,4 +1,5 @@
-"""What the diagnosis feeds a model: scikit-learn's digits for image models, fixed English sentences for text models."""
+"""What the diagnosis feeds a model: scikit-learn's digits for image models, fixed English sentences for text models,
+random token ids for text models without a tokenizer."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SENTENCES", "digits_batches", "text_batches"]
+__all__ = ["SENTENCES", "digits_batches", "random_token_batches", "text_batches"]
 
 # Fixed sentences for text models: long enough to fill `text_max_length` tokens without padding, varied in content.
 SENTENCES = (
@@ -82,4 +83,16 @@ def text_batches(tokenizer, num_batches: int = 1, batch_size: int = 16, max_leng
     return batches
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+def random_token_batches(
+    vocab_size: int, num_batches: int = 4, batch_size: int = 64, length: int = 16, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Uniformly random token ids in `[0, vocab_size)`, `length` per row, no padding: `[{"input_ids", "attention_mask"},
+    ...]`. For a text model without a tokenizer: random tokens, like real ones, make the embeddings differ across the
+    batch, and the diagnosis asks whether that variation survives the layers."""
+    if batch_size < 2:
+        raise ValueError("Batch-entropy needs at least 2 examples per batch.")
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        for ids in (torch.randint(0, vocab_size, (batch_size, length), generator=gen) for _ in range(num_batches))
+    ]

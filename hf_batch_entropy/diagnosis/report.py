@@ -12,7 +12,7 @@ from torch import nn
 
 from ..capture import select_capture
 from ..entropy import batch_entropies
-from .loading import _default_batches, _model_from_config, load_model
+from .loading import _default_batches, _inputs_vary, _model_from_config, load_model, load_tokenizer
 
 __all__ = ["DEFAULT_THRESHOLD", "Diagnosis", "default_threshold", "diagnose", "suggest_settings"]
 
@@ -41,6 +41,7 @@ class Diagnosis:
         flagged: indices of the flagged layers.
         source: where the activations came from: "hidden_states" or "forward_hooks".
         batch_size: examples per batch; num_batches: batches measured.
+        inputs: what the batches were (digits, the fixed sentences, random token ids, or "given").
         suggested_settings: `BatchEntropyConfig` arguments to start from.
         advice: one-line explanation of the suggestion.
     """
@@ -53,6 +54,7 @@ class Diagnosis:
     batch_size: int
     num_batches: int
     model_name: str = ""
+    inputs: str = ""
     suggested_settings: dict[str, Any] = field(default_factory=dict)
     advice: str = ""
 
@@ -71,6 +73,7 @@ class Diagnosis:
             "source": self.source,
             "batch_size": self.batch_size,
             "num_batches": self.num_batches,
+            "inputs": self.inputs,
             "threshold": self.threshold,
             "layers": [{"name": n, "entropy": float(h)} for n, h in zip(self.layer_names, self.entropies.tolist())],
             "flagged": [self.layer_names[i] for i in self.flagged],
@@ -94,6 +97,7 @@ class Diagnosis:
         lines = [
             f"Batch-entropy at initialization: {self.model_name or 'model'} ({len(h)} layers from {self.source}, "
             f"{self.num_batches} batch(es) of {self.batch_size})",
+            *([f"Inputs: {self.inputs}."] if self.inputs else []),
             f"{'#':>4}  {'layer'.ljust(width)}  {'entropy (nats)':>14}",
         ]
         previous = -1
@@ -163,15 +167,6 @@ def suggest_settings(entropies: torch.Tensor, flagged: Sequence[int], pretrained
     return settings, advice
 
 
-@torch.no_grad()
-def _inputs_vary(batch: dict[str, Any] | torch.Tensor) -> bool:
-    """Whether some input (masks aside) differs between the examples of `batch` (a batch of one is left to the
-    estimator's own error)."""
-    items = batch.items() if isinstance(batch, dict) else [("input", batch)]
-    tensors = [x for key, x in items if isinstance(x, torch.Tensor) and x.dim() > 0 and "mask" not in key]
-    return any(x.shape[0] < 2 or not bool((x == x[:1]).all()) for x in tensors)
-
-
 def diagnose(
     model_or_name_or_config: nn.Module | str | os.PathLike | Any,
     batches: Iterable[dict[str, Any] | torch.Tensor] | None = None,
@@ -194,12 +189,13 @@ def diagnose(
             trained weights with `pretrained=True`).
         batches: inputs, each a dict of model inputs (`{"pixel_values": (B, C, S, S)}`, `{"input_ids": ...}`) or a
             tensor (passed positionally). Default: `num_batches` batches of digits images for vision models, fixed
-            sentences through the tokenizer for text models.
+            sentences through the tokenizer for text models, or `num_batches` batches of random token ids from the
+            config's vocabulary for a text model without a usable tokenizer (`Diagnosis.inputs` says which).
         threshold: layers with entropy below it (nats per unit) are flagged. Default: `default_threshold` of the
             activations' dtype (1e-13 for float32). See the module docstring.
         target_modules: which layers to measure, as `BatchEntropyConfig.lbe_target_modules` (default: the model's
             `hidden_states`, else its activation modules).
-        tokenizer: for a text model given as a module.
+        tokenizer: a tokenizer, or the Hub name / folder of one, for a text model (default: the folder's own).
         num_batches, batch_size, seed: the default batches.
         trust_remote_code, pretrained: for names / paths.
         device: where to run (default: the model's device).
@@ -210,6 +206,9 @@ def diagnose(
     from transformers import PreTrainedConfig
 
     name = ""
+    tokenizer_given = tokenizer is not None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(os.fspath(tokenizer), trust_remote_code=trust_remote_code)
     if isinstance(model_or_name_or_config, nn.Module):
         model = model_or_name_or_config
         name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
@@ -221,7 +220,7 @@ def diagnose(
         path = os.fspath(model_or_name_or_config)
         torch.manual_seed(seed)
         model, loaded_tokenizer = load_model(path, trust_remote_code=trust_remote_code, pretrained=pretrained)
-        tokenizer = tokenizer or loaded_tokenizer
+        tokenizer = tokenizer if tokenizer_given else loaded_tokenizer
         name = path + ("" if pretrained else " (fresh init)")
     else:
         raise TypeError(
@@ -236,16 +235,16 @@ def diagnose(
     device = param.device if param is not None else torch.device("cpu")
 
     if batches is None:
-        batches = _default_batches(model, tokenizer, num_batches, batch_size, seed)
+        batches, inputs = _default_batches(model, tokenizer, num_batches, batch_size, seed, tokenizer_given=tokenizer_given)
+    else:
+        inputs = "given"
     batches = list(batches)
     if not batches:
         raise ValueError("diagnose() got no batches.")
     if not any(_inputs_vary(batch) for batch in batches):
         # Identical examples have zero batch-entropy in every layer by construction: a report would blame the network.
-        why = (" Its tokenizer maps the probe sentences to the same tokens: a folder saved without a usable tokenizer "
-               "(save the model with its processing_class, or pass `tokenizer=`)?" if tokenizer is not None else "")
         raise ValueError(f"The probe inputs for {name} are identical across the batch, so every batch-entropy would be 0 "
-                         f"whatever the network.{why} Pass `batches` of varied inputs.")
+                         "whatever the network. Pass `batches` of varied inputs.")
 
     was_training = model.training
     # Eval mode: the diagnosis is about the function the network computes; dropout noise would fake entropy.
@@ -284,6 +283,7 @@ def diagnose(
         batch_size=size,
         num_batches=len(batches),
         model_name=name,
+        inputs=inputs,
         suggested_settings=settings,
         advice=advice,
     )

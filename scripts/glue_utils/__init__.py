@@ -1,5 +1,9 @@
 """GLUE for `scripts/run_glue.py` and the examples: the task registry, the Hub and local data files, the metric.
 
+Not part of the installed library: these helpers sit beside `run_glue.py`, as transformers keeps `run_glue.py`'s in
+its `examples/`. `python scripts/run_glue.py` finds them as its sibling; the examples and experiments that use them
+put `scripts/` on `sys.path` (the tests through pytest's `pythonpath`). They need `pip install ".[glue]"`.
+
 Two ways to get GLUE data:
 
 * from the Hub, `load_glue_from_hub(task)` — `datasets.load_dataset("nyu-mll/glue", task)`;
@@ -18,11 +22,10 @@ with the wrong number of fields) raises `GlueDataError`, a `ValueError` whose me
 column, and what to do about it.
 
 Modules: `tasks` (the registry), `files` (local files), `hub` (the Hub), `minilm` (the bundled default model),
-`arguments` (`run_glue.py`'s training arguments); the metric is `hf_batch_entropy.metrics`. Importing
-`hf_batch_entropy` does not import this package.
+`arguments` (`run_glue.py`'s training arguments), `metrics` (the GLUE metric as a local `evaluate` module).
 """
 
-from ..metrics import GLUE_METRIC_PATH, glue_metric_path, load_glue_metric
+from .metrics import GLUE_METRIC_PATH, glue_metric_path, load_glue_metric
 from .arguments import GlueTrainingArguments
 from .files import GlueDataError, Table, load_glue_files, read_table
 from .hub import GLUE_HUB_DATASET, load_glue_from_hub

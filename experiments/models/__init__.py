@@ -1,5 +1,6 @@
 """Vanilla deep networks (no skip connections, no normalization, no dropout) as Transformers models: the MLP and CNN
 classifiers, and the fully connected autoencoder (`AutoModel`, `AutoConfig.for_model("dense_autoencoder", depth=50)`).
+The experiments train them; they are research code of this repository, not part of the installed library.
 
 Importing this package registers them with the Auto classes, so that
 
@@ -10,7 +11,8 @@ Importing this package registers them with the Auto classes, so that
 work in this process, and marks them with `register_for_auto_class`, so that `save_pretrained` / `push_to_hub` copy
 `configuration_vanilla.py` and `modeling_vanilla.py` next to the weights and write an `auto_map`: the folder (or Hub
 repository) then loads anywhere with `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)`,
-without `hf_batch_entropy` installed.
+without this repository. From a clone, `python -m hf_batch_entropy.diagnosis FOLDER` imports this package (it is
+on `sys.path` when run from the repository root), so such a folder is diagnosed without remote code.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification

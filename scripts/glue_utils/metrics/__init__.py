@@ -1,9 +1,9 @@
-"""Evaluation metrics bundled with hf-batch-entropy as `evaluate` modules, so they load offline.
+"""Evaluation metrics kept beside `scripts/run_glue.py` as `evaluate` modules, so they load offline.
 
 `evaluate.load` takes a local folder holding a script of the same name; these helpers give those folders:
 
     >>> import evaluate
-    >>> from hf_batch_entropy.metrics import glue_metric_path
+    >>> from glue_utils.metrics import glue_metric_path
     >>> metric = evaluate.load(glue_metric_path(), "rte")
 """
 

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import HfArgumentParser
 from transformers.hf_argparser import ArgumentDefaultsHelpFormatter
 
-from ..config import BatchEntropyConfig
+from hf_batch_entropy import BatchEntropyConfig
 from .files import load_glue_files
 from .hub import load_glue_from_hub
 from .minilm import bundled_minilm_path

@@ -1,7 +1,7 @@
-"""GLUE metric, as an `evaluate` module bundled with hf-batch-entropy, so that it loads without the Hub.
+"""GLUE metric, as an `evaluate` module kept beside `scripts/run_glue.py`, so that it loads without the Hub.
 
     >>> import evaluate
-    >>> from hf_batch_entropy.metrics import glue_metric_path
+    >>> from glue_utils.metrics import glue_metric_path
     >>> metric = evaluate.load(glue_metric_path(), "mrpc")
     >>> metric.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])
     {'accuracy': 0.75, 'f1': 0.6666666666666666}
