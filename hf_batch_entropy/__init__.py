@@ -11,7 +11,7 @@ is imported on use. The research code stays in the repository, not in the packag
 
 import importlib
 
-from ._deepspeed_notice import quiet_cpu_fallback_notice
+from ._compat import quiet_deepspeed_cpu_notice
 from .config import BatchEntropyArguments, BatchEntropyConfig, BatchEntropySeq2SeqConfig, batch_entropy_config
 from .entropy import batch_entropies, batch_entropy
 from .regularizer import BatchEntropyRegularizer, LBEOutput
@@ -19,7 +19,7 @@ from .trainer import BatchEntropyMixin, BatchEntropySeq2SeqTrainer, BatchEntropy
 
 __version__ = "0.1.0"
 
-quiet_cpu_fallback_notice()  # Trainer imports DeepSpeed where it is installed; on a CPU its notice is no news
+quiet_deepspeed_cpu_notice()  # Trainer imports DeepSpeed where it is installed; on a CPU its notice is no news
 
 __all__ = [
     "BatchEntropyArguments",

@@ -25,6 +25,11 @@ Private reads (functions below):
   hook targets of a model without activation modules).
 - `prompt_learning_config`: PEFT's `PeftModel.active_peft_config` and its `num_virtual_tokens`, `peft_type`,
   `is_prompt_learning` (the virtual tokens a prompt-learning model prepends to every sequence).
+- `quiet_deepspeed_cpu_notice`: DeepSpeed's logger (`logging.getLogger("DeepSpeed")`) and the text of the warning its
+  import logs where it finds no accelerator ("Setting accelerator to CPU. ..."). `Trainer` imports DeepSpeed where it
+  is installed (accelerate's `unwrap_model` asks whether the model is a `DeepSpeedEngine`); on a CPU that warning is
+  no news, so importing `hf_batch_entropy` drops that one record. DeepSpeed chooses its accelerator exactly as before
+  (`DS_ACCELERATOR` still overrides it) and every other DeepSpeed message passes.
 - `packs_sequences`: TRL's `SFTConfig.packing` / `padding_free` and `SFTTrainer.padding_free` (a batch size of one may
   still hold several sequences).
 
@@ -62,6 +67,7 @@ Implicit contracts of `Trainer` (no function; each has its test):
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -79,11 +85,28 @@ __all__ = [
     "prediction_uses_compute_loss",
     "prepare_inputs",
     "prompt_learning_config",
+    "quiet_deepspeed_cpu_notice",
     "squared_difference",
     "squared_difference_backward",
 ]
 
 CONV_LAYERS: type[torch.nn.Module] = torch.nn.modules.conv._ConvNd
+
+#: The start of the message DeepSpeed logs when it finds no accelerator (deepspeed/accelerator/real_accelerator.py).
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it"
+
+
+class _DropDeepSpeedCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(DEEPSPEED_CPU_NOTICE)
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Drop DeepSpeed's CPU fallback notice from its logger, once per process (the logger need not exist yet:
+    DeepSpeed configures the same `logging.getLogger("DeepSpeed")` object when it is imported, and keeps its filters)."""
+    logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropDeepSpeedCpuNotice) for f in logger.filters):
+        logger.addFilter(_DropDeepSpeedCpuNotice())
 
 
 def grad_scaler_scale(scaler: Any) -> torch.Tensor | float:

@@ -4,6 +4,8 @@ installed transformers / accelerate / torch (CI runs this file on the oldest and
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -394,3 +396,25 @@ def test_generation_loss_forward_is_seq2seq_trainers_labelled_forward_after_gene
     assert decided == (case == "labels")
     # Where it decides yes, the labelled forward ran outside compute_loss (compute_loss would have failed the test).
     assert decided <= bool(direct)
+
+
+def test_quiet_deepspeed_cpu_notice_drops_that_notice_and_nothing_else():
+    """Where DeepSpeed is installed, Trainer imports it, and on a CPU it warns "Setting accelerator to CPU" in every
+    process; importing hf_batch_entropy drops that one record (DeepSpeed still chooses the CPU) and nothing else."""
+    pytest.importorskip("deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    probe = ("import logging, deepspeed; from deepspeed.accelerator import get_accelerator; "
+             "print('accelerator', get_accelerator().device_name()); "
+             "logging.getLogger('DeepSpeed').warning('another DeepSpeed warning')")
+
+    def run(first: str) -> str:
+        done = subprocess.run([sys.executable, "-c", first + probe], capture_output=True, text=True, timeout=300,
+                              env=env, check=True)
+        return done.stdout + done.stderr
+
+    without_library = run("")
+    if "Setting accelerator to CPU" not in without_library:
+        pytest.skip("DeepSpeed found an accelerator here: it prints no CPU fallback notice")
+    with_library = run("import hf_batch_entropy; ")
+    assert "Setting accelerator to CPU" not in with_library
+    assert "accelerator cpu" in with_library and "another DeepSpeed warning" in with_library

@@ -23,7 +23,7 @@ GLUE_SAMPLES = os.path.join(REPO, "tests", "fixtures", "glue")
 
 
 # A DeepSpeed warning, such as its "Setting accelerator to CPU" notice, which it prints where it is installed (as
-# .ci/setup installs it) unless the library drops it (hf_batch_entropy/_deepspeed_notice.py).
+# .ci/setup installs it) unless the library drops it (hf_batch_entropy._compat.quiet_deepspeed_cpu_notice).
 DEEPSPEED_WARNING = re.compile(r"\[WARNING\].*(deepspeed|real_accelerator)|Setting accelerator to CPU", re.I)
 
 

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Transformers imports DeepSpeed where it is installed, and DeepSpeed, left to guess, warns that it falls back
         # to the CPU: the diagnosis runs there, so say so.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # Subnormal floats in deep dead networks slow CPU arithmetic down (docs/vanilla.md); they are ~0 anyway.
+    # Subnormal floats in deep dead networks slow CPU arithmetic down (experiments/frontier/vanilla.md); they are ~0 anyway.
     flush_subnormals()
     try:
         report = diagnose(

@@ -134,7 +134,7 @@ def suggest_settings(entropies: torch.Tensor, flagged: Sequence[int], pretrained
     num_layers = len(entropies)
     if flagged:
         # Training from scratch through dead layers: the paper's vanilla-network settings (α₀ = 2, α_min = 0.2), with
-        # the recipe of the frontier preset (experiments.frontier.arguments, measured in docs/vanilla.md): a fast
+        # the recipe of the frontier preset (experiments.frontier.arguments, measured in experiments/frontier/vanilla.md): a fast
         # revival at lr 1e-3 for 400 steps, then 0.3 × that rate. tests/test_train_vanilla.py keeps the two equal.
         settings = {
             "lbe_beta": 0.5,
@@ -149,7 +149,8 @@ def suggest_settings(entropies: torch.Tensor, flagged: Sequence[int], pretrained
             f"{len(flagged)} of {num_layers} layers carry no information about the input at initialization. Train "
             "with BatchEntropyTrainer: LBE restores the flow layer by layer, from the input side, before the task "
             "loss can fall (the 500 layers of the depth-500 MLP in about 400 optimizer steps at lr 1e-3, after which "
-            "a lower rate trains the task; keep gradient clipping on). See docs/vanilla.md."
+            "a lower rate trains the task; keep gradient clipping on). The documentation's settings page explains these "
+            "choices."
         )
     elif pretrained:
         settings = {"lbe_beta": 0.01, "lbe_alpha": 0.5, "lbe_alpha_min": 0.5, "lbe_alpha_learning_rate": 1e-3}
@@ -196,8 +197,11 @@ def diagnose(
         target_modules: which layers to measure, as `BatchEntropyConfig.lbe_target_modules` (default: the model's
             `hidden_states`, else its activation modules).
         tokenizer: a tokenizer, or the Hub name / folder of one, for a text model (default: the folder's own).
-        num_batches, batch_size, seed: the default batches.
-        trust_remote_code, pretrained: for names / paths.
+        num_batches: how many default batches.
+        batch_size: examples per default batch.
+        seed: the seed of the default batches and of a fresh initialization.
+        trust_remote_code: for names / paths whose model needs its own modeling code.
+        pretrained: load a name's / path's trained weights instead of a fresh initialization.
         device: where to run (default: the model's device).
 
     Returns:
