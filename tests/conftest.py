@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,6 +25,18 @@ def restore_torch_globals():
     yield
     torch.set_num_threads(threads)
     torch.set_flush_denormal(False)
+
+
+@pytest.fixture(autouse=True)
+def restore_logger_levels():
+    """The experiments' command lines set logging levels for their runs (`quiet()`: the package's warnings off); tests
+    call them in-process, so every test gets back the levels it started with, and a later test's `caplog` sees the
+    package's records."""
+    names = ("hf_batch_entropy", "transformers", "experiments")
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 class DictDataset(torch.utils.data.Dataset):
