@@ -106,7 +106,11 @@ def _report(name: str, **figures: float) -> None:
     if REPORT:
         import json
 
+        from experiments.provenance import provenance
+
         data = json.loads(Path(REPORT).read_text()) if Path(REPORT).is_file() else {}
+        argv = ["-m", "pytest", *sys.argv[1:]]  # the command as typed, not pytest's own entry point
+        data.setdefault("provenance", provenance(argv, packages=("deepspeed",), processes=2))
         data[name] = {**figures, "device": DEVICE, "torch": torch.__version__}
         if DEVICE == "cuda":
             data[name]["card"] = torch.cuda.get_device_name(0)
