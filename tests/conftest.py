@@ -159,3 +159,38 @@ def make_args(tmp_path, plain: bool = False, **overrides) -> BatchEntropyConfig:
 @pytest.fixture
 def args_factory(tmp_path):
     return lambda **overrides: make_args(tmp_path, **overrides)
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """A local folder standing in for the Hub: `Trainer.push_to_hub()` copies the folder it would upload to
+    `<hub>/<user>/<repo>` (its ignore patterns applied), and `huggingface_hub.snapshot_download` returns that copy.
+    Returns the hub folder."""
+    import fnmatch
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import transformers.trainer as trainer_module
+
+    hub = tmp_path / "hub"
+
+    class LocalHub:
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=f"user/{repo_id.split('/')[-1]}")
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
+            def ignored(directory, names):
+                return [n for n in names if any(fnmatch.fnmatch(n, p) for p in ignore_patterns)]
+
+            shutil.copytree(folder_path, hub / repo_id, ignore=ignored, dirs_exist_ok=True)
+            return SimpleNamespace(commit_url=f"local://{repo_id}")
+
+    client = LocalHub()
+    if hasattr(trainer_module, "hf_api"):  # transformers >= 5.x: one client
+        monkeypatch.setattr(trainer_module, "hf_api", lambda: client)
+    else:  # transformers 5.0: the functions
+        monkeypatch.setattr(trainer_module, "create_repo", client.create_repo)
+        monkeypatch.setattr(trainer_module, "upload_folder", lambda **kwargs: client.upload_folder(**kwargs))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(hub / repo_id))
+    return hub

@@ -105,37 +105,11 @@ def test_training_loop_of_your_own_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_hub_push_and_reload_block_runs_against_a_local_hub(tmp_path, monkeypatch):
+def test_hub_push_and_reload_block_runs_against_a_local_hub(tmp_path, monkeypatch, local_hub):
     """docs/fine-tuning.md's push-and-reload block, after the quickstart, with a local folder standing in for the Hub:
     the upload copies the folder, the download returns that copy."""
-    import fnmatch
-    import shutil
-    from types import SimpleNamespace
-
-    import huggingface_hub
     import torch
-    import transformers.trainer as trainer_module
 
-    hub = tmp_path / "hub"
-
-    class LocalHub:
-        def create_repo(self, repo_id, **kwargs):
-            return SimpleNamespace(repo_id=f"user/{repo_id.split('/')[-1]}")
-
-        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
-            def ignored(directory, names):
-                return [n for n in names if any(fnmatch.fnmatch(n, p) for p in ignore_patterns)]
-
-            shutil.copytree(folder_path, hub / repo_id, ignore=ignored, dirs_exist_ok=True)
-            return SimpleNamespace(commit_url=f"local://{repo_id}")
-
-    local_hub = LocalHub()
-    if hasattr(trainer_module, "hf_api"):  # transformers >= 5.x: one client
-        monkeypatch.setattr(trainer_module, "hf_api", lambda: local_hub)
-    else:  # transformers 5.0: the functions
-        monkeypatch.setattr(trainer_module, "create_repo", local_hub.create_repo)
-        monkeypatch.setattr(trainer_module, "upload_folder", lambda **kwargs: local_hub.upload_folder(**kwargs))
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(hub / repo_id))
     monkeypatch.chdir(tmp_path)
 
     namespace: dict = {}

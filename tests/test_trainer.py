@@ -601,39 +601,16 @@ def test_padding_does_not_move_the_regularizer(tmp_path, ignore_padding):
 # --- the Hub, offline -------------------------------------------------------------------------------------------------
 
 
-def test_push_to_hub_uploads_an_ordinary_model_with_card_and_regularizer(tmp_path, monkeypatch):
+def test_push_to_hub_uploads_an_ordinary_model_with_card_and_regularizer(tmp_path, local_hub):
     """push_to_hub() against a local stand-in for the Hub (the upload copies the folder): what would be uploaded is
     the model, the tokenizer, the card (tag, LBE section) and the regularizer's files, and the model loads with
     AutoModelForSequenceClassification in a process that never imports hf_batch_entropy."""
-    import fnmatch
-    import shutil
     import subprocess
     import sys
-    from types import SimpleNamespace
-
-    import transformers.trainer as trainer_module
 
     from conftest import word_tokenizer
 
-    hub = tmp_path / "hub"
-
-    class LocalHub:
-        def create_repo(self, repo_id, **kwargs):
-            return SimpleNamespace(repo_id=f"user/{repo_id.split('/')[-1]}")
-
-        def upload_folder(self, repo_id, folder_path, ignore_patterns=(), **kwargs):
-            def ignored(directory, names):
-                return [n for n in names if any(fnmatch.fnmatch(n, p) for p in ignore_patterns)]
-
-            shutil.copytree(folder_path, hub / repo_id, ignore=ignored)
-            return SimpleNamespace(commit_url=f"local://{repo_id}")
-
-    local_hub = LocalHub()
-    if hasattr(trainer_module, "hf_api"):  # transformers >= 5.x: one client
-        monkeypatch.setattr(trainer_module, "hf_api", lambda: local_hub)
-    else:  # transformers 5.0: the functions
-        monkeypatch.setattr(trainer_module, "create_repo", local_hub.create_repo)
-        monkeypatch.setattr(trainer_module, "upload_folder", lambda **kwargs: local_hub.upload_folder(**kwargs))
+    hub = local_hub
     tokenizer = word_tokenizer()
     args = make_args(tmp_path, lbe_beta=0.5, save_strategy="steps", save_steps=2, hub_model_id="tiny-lbe")
     trainer = BatchEntropyTrainer(model=tiny_bert(), args=args,
