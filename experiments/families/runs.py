@@ -82,7 +82,10 @@ def train(model: nn.Module, train_dataset: Dataset, *, seed: int, beta: float, r
 
         seed, beta, train_s (wall seconds of `train()`), task_loss (last logging window's mean task loss),
         entropies (last window's mean batch-entropy per regularized layer, nats), layers (their names),
-        alpha (learned targets α_l at the end), eval (`trainer.evaluate()` metrics when `eval_dataset` is given).
+        alpha (learned targets α_l at the end), eval (`trainer.evaluate()` metrics when `eval_dataset` is given),
+        lbe_share (the LBE term over the task loss, lbe_loss / task_loss, in the first and in the last logging window:
+        how much the term weighs at the start and at the end; 0 without LBE), entropies_first (the first window's
+        mean batch-entropy per regularized layer).
     """
     with tempfile.TemporaryDirectory() as out:
         args = BatchEntropyConfig(
@@ -102,8 +105,14 @@ def train(model: nn.Module, train_dataset: Dataset, *, seed: int, beta: float, r
         trainer.train()
         train_s = time.perf_counter() - start
         metrics = trainer.evaluate() if eval_dataset is not None else {}
-    last = [e for e in trainer.state.log_history if "batch_entropy/layer_0" in e][-1]
+    windows = [e for e in trainer.state.log_history if "batch_entropy/layer_0" in e]
+    first, last = windows[0], windows[-1]
     n = trainer.regularizer.num_layers
+
+    def share(window: dict) -> float:
+        task = window.get("task_loss", window.get("loss"))
+        return round(window.get("lbe_loss", 0.0) / task, 6) if task else 0.0
+
     record = {
         "seed": seed,
         "beta": beta,
@@ -112,6 +121,9 @@ def train(model: nn.Module, train_dataset: Dataset, *, seed: int, beta: float, r
         "entropies": [round(last[f"batch_entropy/layer_{i}"], 4) for i in range(n)],
         "layers": list(trainer.regularizer.layer_names),
         "alpha": [round(a, 4) for a in trainer.regularizer.alpha.detach().cpu().tolist()],
+        "lbe_share": {"first": share(first), "last": share(last), "first_step": first.get("step"),
+                      "last_step": last.get("step")},
+        "entropies_first": [round(first[f"batch_entropy/layer_{i}"], 4) for i in range(n)],
         "eval": {k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k
                  and "per_second" not in k},
     }
