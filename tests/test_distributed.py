@@ -43,6 +43,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _launch(out: Path, scenarios, checkpoint: Path, nproc: int = 2) -> None:
     """`accelerate launch` with the bundled DDP configuration, as a user would on GPUs. Without GPUs the processes
     train on CPU with gloo (the worker sets use_cpu=True); `--cpu` would make Accelerate start a single process."""
@@ -55,6 +58,11 @@ def _launch(out: Path, scenarios, checkpoint: Path, nproc: int = 2) -> None:
         "--scenarios", *scenarios,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and _GLOO_TEARDOWN_ABORT in proc.stderr:
+        # A rank aborted in C++ while its process shut down ("terminate called without an active exception": a
+        # gloo thread still joinable at exit), seen once in several CI-like runs, after every scenario had run and
+        # the process group had been destroyed. The launch is repeated once; a second failure is a failure.
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}")
 
