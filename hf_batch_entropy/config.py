@@ -218,8 +218,9 @@ class BatchEntropySeq2SeqConfig(BatchEntropyArguments, Seq2SeqTrainingArguments)
     plus the `lbe_*` settings of [`BatchEntropyArguments`]."""
 
 
-_BOOL_FIELDS = ("lbe_scale_by_task_loss", "lbe_ignore_padding", "lbe_sync_entropy", "lbe_fused", "lbe_log_per_layer",
-                "lbe_eval_entropy")
+# The boolean `lbe_*` fields, read from the dataclass (annotations are strings here: `from __future__ import
+# annotations`), so that a new one is converted from strings too.
+_BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(BatchEntropyArguments) if f.type in ("bool", bool))
 
 _KNOWN = {TrainingArguments: BatchEntropyConfig, Seq2SeqTrainingArguments: BatchEntropySeq2SeqConfig}
 
