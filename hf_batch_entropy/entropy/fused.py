@@ -172,15 +172,14 @@ def _differentiable_gradients(
             "backward(create_graph=True) cannot go through its all-reduce. Turn lbe_sync_entropy off for a gradient "
             "penalty, or compute the penalty without create_graph."
         )
+    padding = padding_of(mask) if mask is not None else None
     grads = []
     for x, g in zip(layers, grad.unbind(0)):
         x32 = x.float()
-        if mask is None:
-            deviation = x32 - x32.mean(dim=0, keepdim=True)
-        else:
-            kept = x32.masked_fill(padding_of(mask), 0)
-            deviation = (x32 - kept.sum(dim=0, keepdim=True) / mask.sum(dim=0).clamp_min(1)).masked_fill(
-                padding_of(mask), 0)
+        kept = x32 if padding is None else x32.masked_fill(padding, 0)
+        deviation = x32 - _batch_mean(kept.unsqueeze(0), mask)[0]
+        if padding is not None:
+            deviation = deviation.masked_fill(padding, 0)
         grads.append((deviation * (2.0 * g)).to(x.dtype))
     return grads
 
