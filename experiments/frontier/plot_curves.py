@@ -5,7 +5,8 @@ The pictures of docs/paper.md.
     python -m experiments.frontier.plot_curves --depth 500 --out docs/paper_cnn500.png \
         "default init=experiments/frontier/results/paper_cnn500.json" "delta-orthogonal, tanh=experiments/frontier/results/paper_cnn500_delta.json"
 
-Each argument is `LABEL=PATH`; the legend reads "LABEL, without LBE" / "LABEL, with LBE" (and "ceiling").
+Each argument is `LABEL=PATH`; the legend reads "LABEL, without LBE" / "LABEL, with LBE" (and "ceiling"). `--alive` adds
+a panel of the alive layers at each evaluation.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 KIND_NAMES = {"baseline": "without LBE", "lbe": "with LBE", "ceiling": "shallow ceiling"}
 
 
-def curves(path: str, depth: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-    """Per run kind at `depth`: steps, mean and std of the test accuracy (%) over the seeds, number of seeds (the steps
-    every seed evaluated)."""
+def curves(path: str, depth: int, metric: str = "accuracy") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """Per run kind at `depth`: steps, mean and std over the seeds of an evaluation's `metric` (the test accuracy in
+    %, or the number of alive layers), number of seeds (the steps every seed evaluated)."""
+    scale = 100 if metric == "accuracy" else 1
     with open(path) as f:
         runs = json.load(f)["runs"]
     out = {}
@@ -28,7 +30,7 @@ def curves(path: str, depth: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.
         chosen = [r for r in runs if r["run"] == kind and (r["depth"] == depth or kind == "ceiling")]
         if not chosen:
             continue
-        by_step = [{e["step"]: 100 * e["accuracy"] for e in r["eval_curve"]} for r in chosen]
+        by_step = [{e["step"]: scale * e[metric] for e in r["eval_curve"] if metric in e} for r in chosen]
         steps = sorted(set.intersection(*(set(c) for c in by_step)))
         acc = np.array([[c[s] for s in steps] for c in by_step])
         std = acc.std(0, ddof=1) if len(chosen) > 1 else np.zeros(len(steps))
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--title", default=None)
+    parser.add_argument("--alive", action="store_true",
+                        help="a second panel: the alive layers (batch-entropy above the dead threshold on the test "
+                             "images) at each evaluation")
     args = parser.parse_args(argv)
 
     import matplotlib
@@ -49,22 +54,30 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    metrics = ["accuracy", "alive_layers"] if args.alive else ["accuracy"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7 * len(metrics), 4.2), squeeze=False)
     styles = {"baseline": "--", "lbe": "-", "ceiling": ":"}
-    for i, item in enumerate(args.files):
-        label, path = item.split("=", 1)
-        color = f"C{i}"
-        for kind, (steps, mean, std, n) in curves(path, args.depth).items():
-            name = f"{label}, {KIND_NAMES[kind]} ({n} seed{'s' if n > 1 else ''})"
-            ax.plot(steps, mean, styles[kind], color=color, label=name, marker="o", markersize=3)
-            if n > 1:
-                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
+    for metric, panel in zip(metrics, axes[0]):
+        for i, item in enumerate(args.files):
+            label, path = item.split("=", 1)
+            color = f"C{i}"
+            for kind, (steps, mean, std, n) in curves(path, args.depth, metric).items():
+                if not len(steps):
+                    continue
+                name = f"{label}, {KIND_NAMES[kind]} ({n} seed{'s' if n > 1 else ''})"
+                panel.plot(steps, mean, styles[kind], color=color, label=name, marker="o", markersize=3)
+                if n > 1:
+                    panel.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
+        panel.set_xlabel("training step")
+        panel.grid(alpha=0.3)
+    ax = axes[0][0]
+    if args.alive:
+        axes[0][1].set_ylabel("alive layers (test images)")
+        axes[0][1].set_title("alive layers (mean ± std over seeds)")
     ax.axhline(10, color="grey", lw=0.8)
-    ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(args.title or f"depth {args.depth}: test accuracy (mean ± std over seeds)")
     ax.legend(fontsize=7, loc="best")
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     plt.close(fig)
