@@ -49,9 +49,11 @@ def merge(paths: list[str]) -> tuple[list[dict], list[dict]]:
             raise ValueError(f"{run['source']}: run {run['run']} at depth {run['depth']} with seed {run['seed']} is "
                              "already in an earlier file; pass each seed once")
         seen.add(key)
-        recipe = {k: run.get(k) for k in RECIPE_KEYS}
+        # A setting absent from a record (written before the script had it) is not compared.
+        recipe = {k: run[k] for k in RECIPE_KEYS if k in run}
         first = reference.setdefault(run["run"], {**recipe, "source": run["source"]})
-        differing = [k for k in RECIPE_KEYS if first[k] != recipe[k] and not (run["run"] != "lbe" and k.startswith("lbe_"))]
+        differing = [k for k in recipe if k in first and first[k] != recipe[k]
+                     and not (run["run"] != "lbe" and k.startswith("lbe_"))]
         if differing:
             k = differing[0]
             raise ValueError(f"{run['source']}: {k} = {recipe[k]!r}, but {first['source']} has {first[k]!r}; merge "
