@@ -41,6 +41,7 @@ def test_resnet_regularizes_every_residual_block(tmp_path):
     # One activation per ResNetBasicLayer (2 stages × 1 block), not the 3 per-stage hidden states.
     assert base["layers"] == lbe["layers"] == ["resnet.encoder.stages.0.layers.0", "resnet.encoder.stages.1.layers.0"]
     assert 0 <= base["eval"]["eval_accuracy"] <= 1 and payload["model"]["depth"] == 6
+    assert base["init_checksum"] == lbe["init_checksum"]  # the pair starts from the same weights
     assert base["task_loss"] != lbe["task_loss"]  # same init and data order: LBE changed the updates
     assert set(payload["summary_accuracy"]) == {"0", "0.5"}
     _check_files(tmp_path, payload)
@@ -66,6 +67,7 @@ def test_vit_regularizes_its_hidden_states(tmp_path):
                         *_outputs(tmp_path)])
     base, lbe = payload["runs"]
     assert lbe["layers"] == ["hidden_states.0", "hidden_states.1", "hidden_states.2"]  # embeddings + 2 layers
+    assert base["init_checksum"] == lbe["init_checksum"]
     assert base["task_loss"] != lbe["task_loss"]
     _check_files(tmp_path, payload)
 
@@ -76,6 +78,7 @@ def test_autoencoder_depths_with_and_without_lbe(tmp_path):
     assert [(r["depth"], r["beta"]) for r in payload["runs"]] == [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)]
     deep = payload["runs"][3]
     assert len(deep["entropies"]) == 5  # 2 encoder layers, the code, 2 decoder layers
+    assert payload["runs"][2]["init_checksum"] == deep["init_checksum"] != payload["runs"][0]["init_checksum"]
     assert payload["runs"][2]["task_loss"] != deep["task_loss"]
     for run in payload["runs"]:
         assert 0 < run["test"]["mse"] < 1 and -1 <= run["test"]["ssim"] <= 1

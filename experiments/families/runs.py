@@ -82,11 +82,13 @@ def train(model: nn.Module, train_dataset: Dataset, *, seed: int, beta: float, r
 
         seed, beta, train_s (wall seconds of `train()`), task_loss (last logging window's mean task loss),
         entropies (last window's mean batch-entropy per regularized layer, nats), layers (their names),
-        alpha (learned targets α_l at the end), eval (`trainer.evaluate()` metrics when `eval_dataset` is given),
+        init_checksum (Σ|w| over the parameters before training, float64: runs that start from the same weights
+        have the same one), alpha (learned targets α_l at the end), eval (`trainer.evaluate()` metrics when `eval_dataset` is given),
         lbe_share (the LBE term over the task loss, lbe_loss / task_loss, in the first and in the last logging window:
         how much the term weighs at the start and at the end; 0 without LBE), entropies_first (the first window's
         mean batch-entropy per regularized layer).
     """
+    init_checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
     with tempfile.TemporaryDirectory() as out:
         args = BatchEntropyConfig(
             output_dir=os.path.join(out, "run"), max_steps=recipe.max_steps,
@@ -116,6 +118,7 @@ def train(model: nn.Module, train_dataset: Dataset, *, seed: int, beta: float, r
     record = {
         "seed": seed,
         "beta": beta,
+        "init_checksum": init_checksum,
         "train_s": round(train_s, 2),
         "task_loss": last.get("task_loss", last.get("loss")),
         "entropies": [round(last[f"batch_entropy/layer_{i}"], 4) for i in range(n)],
