@@ -592,3 +592,43 @@ def test_workers_exit_when_the_job_is_stopped(tmp_path, stop):
         for w in workers:
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
+
+
+def _one_seed_report(path, run, seed, accuracy, checksum, learning_rate=1e-4):
+    record = {"run": run, "depth": 500, "seed": seed, "seed_index": 0, "test_accuracy": accuracy, "alive_layers": 501,
+              "num_layers": 501, "wall_time_s": 1.0, "init_checksum": checksum, "learning_rate": learning_rate,
+              "lbe_beta": 0.1 if run == "lbe" else 0.0, "steps": 3000, "eval_curve": []}
+    with open(path, "w") as f:
+        json.dump({"meta": {"command": f"job {run} {seed}"}, "runs": [record]}, f)
+    return str(path)
+
+
+def test_merge_seeds_summarizes_over_seeds_and_checks_the_pairs(tmp_path):
+    from experiments.frontier.merge_seeds import main as merge_main
+
+    files = [_one_seed_report(tmp_path / f"{run}{seed}.json", run, seed, acc, checksum)
+             for run, seed, acc, checksum in [("lbe", 43, 0.3, 7.0), ("lbe", 42, 0.4, 5.0), ("baseline", 42, 0.1, 5.0),
+                                              ("baseline", 43, 0.1, 6.0)]]
+    report = merge_main([*files, "--out", str(tmp_path / "merged.json")])
+    lbe = next(s for s in report["summary"] if s["run"] == "lbe")
+    assert lbe["test_accuracy_per_seed"] == [0.4, 0.3]  # ordered by training seed, renumbered
+    assert lbe["test_accuracy_mean"] == pytest.approx(0.35) and lbe["test_accuracy_std"] == pytest.approx(0.0707107)
+    assert [(p["seed"], p["same_initial_weights"]) for p in report["pairs"]] == [(42, True), (43, False)]
+    assert {r["source_meta"]["command"] for r in report["runs"]} == {"job lbe 42", "job lbe 43", "job baseline 42",
+                                                                      "job baseline 43"}
+    with open(tmp_path / "merged.json") as f:
+        assert json.load(f)["summary"] == report["summary"]
+
+
+def test_merge_seeds_refuses_another_recipe_or_a_seed_twice(tmp_path, capsys):
+    from experiments.frontier.merge_seeds import main as merge_main
+
+    first = _one_seed_report(tmp_path / "a.json", "lbe", 42, 0.4, 5.0)
+    other_rate = _one_seed_report(tmp_path / "b.json", "lbe", 43, 0.3, 6.0, learning_rate=3e-4)
+    for files in ([first, other_rate], [first, first]):
+        with pytest.raises(SystemExit) as exit_info:
+            merge_main([*files, "--out", str(tmp_path / "merged.json")])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "learning_rate = 0.0003" in err and "already in an earlier file" in err
+    assert not (tmp_path / "merged.json").exists()
