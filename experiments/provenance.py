@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["cpu_id", "cpu_model", "git", "portable_path", "provenance"]
+__all__ = ["cpu_id", "cpu_model", "git", "portable_path", "provenance", "weights_checksum"]
 
 #: Versions recorded in every provenance (besides this package's, as `hf_batch_entropy`, and the ones a caller names).
 CORE_PACKAGES = ("torch", "transformers", "accelerate", "numpy")
@@ -152,3 +152,9 @@ def provenance(
                     "aten_cpu_capability": aten_kernels, "logical_cpus": os.cpu_count(), "cuda": cuda, **machine},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def weights_checksum(model: Any) -> float:
+    """Σ|w| over a model's parameters, in float64: recorded before training (`init_checksum`), it shows that two runs
+    compared as "without and with LBE" started from the same weights (equal sums) without storing the weights."""
+    return float(sum(p.detach().double().abs().sum() for p in model.parameters()))

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from hf_batch_entropy import BatchEntropyConfig, BatchEntropyTrainer
 from experiments.denormals import FlushDenormalsCallback
+from experiments.provenance import weights_checksum
 
 from .data import DATASETS
 
@@ -88,7 +89,7 @@ def train(model: nn.Module, train_dataset: Dataset, *, seed: int, beta: float, r
         how much the term weighs at the start and at the end; 0 without LBE), entropies_first (the first window's
         mean batch-entropy per regularized layer).
     """
-    init_checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    init_checksum = weights_checksum(model)
     with tempfile.TemporaryDirectory() as out:
         args = BatchEntropyConfig(
             output_dir=os.path.join(out, "run"), max_steps=recipe.max_steps,

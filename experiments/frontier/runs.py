@@ -23,6 +23,7 @@ from transformers import PrinterCallback, ProgressCallback, TrainerCallback, set
 from hf_batch_entropy import BatchEntropyTrainer, batch_entropies
 from experiments.denormals import FlushDenormalsCallback, flush_denormals
 from experiments.models import build_vanilla_model
+from experiments.provenance import weights_checksum
 
 from .arguments import (
     DEAD_ENTROPY,
@@ -283,7 +284,7 @@ def _run_job(job: Job, model_args: ModelArguments, data_args: DataArguments, tra
     if job.kind == "ceiling":
         he_initialize(model)
     # Fingerprint of the initial weights: equal for the baseline and the LBE run of a depth and seed.
-    init_checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    init_checksum = weights_checksum(model)
     label = f"{job.kind} depth {job.depth} seed {job.seed_index}"
     recorder = EntropyRecorder(test_ds, data_args.entropy_batch_size,
                                label=label if in_worker and data_args.verbose else None)
